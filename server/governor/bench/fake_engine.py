@@ -1,0 +1,157 @@
+"""A zero-latency fake vLLM server: OpenAI-shaped SSE as fast as Python can write it.
+
+Used by the relay-capacity benchmark and by unit tests that need real HTTP without a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+MODEL = "fake-model"
+_WORDS = (
+    "river", "stone", "maple", "lantern", "orbit", "velvet", "harbor", "quartz", "meadow", "ember", "falcon",
+    "tundra", "cobalt", "willow", "canyon", "saffron", "glacier", "thistle", "beacon", "marble", "prairie",
+)  # fmt: skip
+# Varied text: a repeating fake stream would (rightly) be cut by the loop detector.
+_STREAM = [" " + random.Random(7).choice(_WORDS) for _ in range(65536)]
+
+
+def _chunk(kind: str, rid: str, text: str, finish: str | None, usage: dict[str, int] | None) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    if kind == "chat":
+        choice["delta"] = {"content": text}
+    else:
+        choice["text"] = text
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    body: dict[str, Any] = {"id": rid, "object": obj, "created": 0, "model": MODEL, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class FakeEngine:
+    """Streams `max_tokens` events of `text` (a word by default); `script` may set the texts to stream."""
+
+    def __init__(self, script: list[str] | None = None, delay: float = 0.0) -> None:
+        self.script = script
+        self.delay = delay
+        self.requests: list[dict[str, Any]] = []
+        self.aborted = 0
+        self.active = 0
+        self.loaded: dict[str, str] = {}
+        self.app = web.Application()
+        self.app.add_routes([
+            web.get("/health", self.health), web.get("/v1/models", self.models), web.get("/metrics", self.metrics),
+            web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.completions),
+            web.post("/v1/load_lora_adapter", self.load), web.post("/v1/unload_lora_adapter", self.unload),
+        ])  # fmt: skip
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        text = (
+            "# HELP vllm:num_requests_running Number of requests running.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="{MODEL}"}} {self.active}\n'
+        )
+        return web.Response(text=text)
+
+    async def load(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.loaded[body["lora_name"]] = body["lora_path"]
+        return web.Response(text="ok")
+
+    async def unload(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.loaded.pop(body["lora_name"], None)
+        return web.Response(text="ok")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        if self.script is not None:
+            texts = self.script[:n_tokens]
+        else:
+            start = len(self.requests) * 7919 % (len(_STREAM) - n_tokens) if n_tokens < len(_STREAM) else 0
+            texts = _STREAM[start : start + n_tokens]
+        rid = f"fake-{len(self.requests)}"
+        usage_every = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+        if not body.get("stream"):
+            text = "".join(texts)
+            msg = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
+            return web.json_response({
+                "id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": 0,
+                "model": MODEL, "choices": [{"index": 0, **msg, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 4, "completion_tokens": len(texts), "total_tokens": 4 + len(texts)},
+            })  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        self.active += 1
+        try:
+            for i, text in enumerate(texts):
+                last = i == len(texts) - 1
+                usage = {"prompt_tokens": 4, "completion_tokens": i + 1, "total_tokens": 5 + i} if usage_every else None
+                await resp.write(_chunk(kind, rid, text, "length" if last else None, usage))
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage_body = {"id": rid, "object": "chat.completion.chunk", "created": 0, "model": MODEL, "choices": [],
+                              "usage": {"prompt_tokens": 4, "completion_tokens": len(texts),
+                                        "total_tokens": 4 + len(texts)}}  # fmt: skip
+                await resp.write(b"data: " + orjson.dumps(usage_body) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.aborted += 1
+            raise
+        finally:
+            self.active -= 1
+        return resp
+
+
+async def serve(engine: FakeEngine, port: int, host: str = "127.0.0.1") -> web.AppRunner:
+    runner = web.AppRunner(engine.app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def main(port: int) -> None:
+    """Run a fake engine until interrupted (used by the relay benchmark as a subprocess)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def forever() -> None:
+        await serve(FakeEngine(), port)
+        while True:
+            await asyncio.sleep(3600)
+
+    try:
+        asyncio.run(forever())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(int(sys.argv[1]))

@@ -1,0 +1,62 @@
+"""Builds the engine pool and policy from settings: local vLLM processes or remote URLs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from governor import embedded
+from governor.engine.base import EngineClient
+from governor.engine.flags import detect_device, engine_command, engine_env
+from governor.engine.pool import EnginePool
+from governor.engine.process import VllmProcess, free_port
+from governor.engine.remote import RemoteEngine
+from governor.policy.builder import Policy
+from governor.policy.presets import load_presets
+from governor.policy.tokenizer_info import TokenizerInfo
+from governor.settings import Settings
+
+log = logging.getLogger("governor")
+
+
+def resolve_model(settings: Settings) -> tuple[str, str, Path | None]:
+    """(model argument for vLLM, served name, local directory if any)."""
+    if not settings.model:
+        path = embedded.prepare(settings.cache_dir)
+        return str(path), settings.served_model_name or embedded.EMBEDDED_NAME, path
+    local = Path(settings.model).expanduser()
+    name = settings.served_model_name or (local.name if local.exists() else settings.model)
+    return (str(local.resolve()), name, local.resolve()) if local.exists() else (settings.model, name, None)
+
+
+def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
+    if settings.engine_url:
+        engines: list[EngineClient] = [
+            RemoteEngine(f"remote-{i}", url, settings.served_model_name) for i, url in enumerate(settings.engine_url)
+        ]
+        return EnginePool(engines, settings.max_running + settings.max_queued), None
+    model, served, local = resolve_model(settings)
+    device = detect_device(settings.device)
+    log.info("engine profile: %s; model: %s (served as '%s')", device, model, served)
+    engines = []
+    for i in range(settings.engines):
+        port = settings.engine_port + i if settings.engine_port else free_port()
+        engines.append(
+            VllmProcess(
+                name=f"engine-{i}",
+                command=engine_command(settings, model, served, port, device),
+                env=engine_env(settings, device),
+                port=port,
+                served_model=served,
+                log_path=settings.cache_dir / "logs" / f"engine-{i}.log",
+                start_timeout=settings.engine_start_timeout,
+                backoff_max=settings.restart_backoff_max,
+            )
+        )
+    return EnginePool(engines, settings.max_running + settings.max_queued), local
+
+
+def build_policy(settings: Settings, model_dir: Path | None) -> Policy:
+    info = TokenizerInfo.load(model_dir) if model_dir else TokenizerInfo.generic()
+    presets = load_presets(settings.presets_file)
+    return Policy(presets, settings.default_preset, info, settings.max_model_len, settings.max_stop)

@@ -1,0 +1,181 @@
+"""Typed errors and the one place that turns them into OpenAI error envelopes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("governor.errors")
+
+
+class GovernorError(Exception):
+    """Base of every error a client may see; carries the HTTP status and OpenAI error fields."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(GovernorError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(GovernorError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GovernorError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(GovernorError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class AdapterNotFound(NotFound):
+    code = "adapter_not_found"
+
+
+class Conflict(GovernorError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(GovernorError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(GovernorError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class EngineUnavailable(GovernorError):
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"
+
+
+class DeadlineExceeded(GovernorError):
+    status = 504
+    type = "server_error"
+    code = "deadline_exceeded"
+
+
+def envelope(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    """The OpenAI error body."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_body(exc: GovernorError) -> dict[str, Any]:
+    return envelope(exc.message, exc.type, exc.param, exc.code)
+
+
+def error_response(exc: GovernorError) -> Response:
+    return Response(
+        orjson.dumps(error_body(exc)),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers(),
+    )
+
+
+def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """First pydantic error as a 400 that names the field."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequest("Invalid request body.")
+    first = errors[0]
+    param = _param_from_loc(first.get("loc", ()))
+    msg = str(first.get("msg", "invalid value"))
+    where = f"'{param}': " if param else ""
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("Request body is not valid JSON.", code="invalid_json")
+    return InvalidRequest(f"{where}{msg}", param=param)
+
+
+_STATUS_TYPES: dict[int, type[GovernorError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: InvalidRequest,
+    409: Conflict,
+    413: PayloadTooLarge,
+    429: Overloaded,
+    503: EngineUnavailable,
+    504: DeadlineExceeded,
+}
+
+
+def from_status(status: int, message: str) -> GovernorError:
+    """Best typed error for an HTTP status (used for upstream and framework errors)."""
+    cls = _STATUS_TYPES.get(status)
+    if cls is None:
+        cls = InvalidRequest if 400 <= status < 500 else EngineUnavailable
+    err = cls(message)
+    if status in (405, 422):
+        err.status = status if status == 405 else 400
+    return err
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error on every route leaves as an OpenAI envelope."""
+
+    @app.exception_handler(GovernorError)
+    async def _governor(_: Request, exc: GovernorError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(from_status(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return error_response(GovernorError("Internal error; see the server log.", code="internal_error"))

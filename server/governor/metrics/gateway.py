@@ -1,0 +1,89 @@
+"""Gateway metrics: one registry per app (no module globals), bounded label values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from governor.engine.base import EngineClient, EngineState
+
+# Latency buckets sized for LLM serving: TTFT from ~5 ms (GPU, short prompt) to minutes (queued on CPU).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
+OTHER = "other"
+
+
+class GatewayMetrics:
+    """Counters and histograms the gateway updates per request."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = ("model", "endpoint")
+        self.requests = Counter(
+            "governor_requests", "Requests finished, by model or adapter, endpoint and HTTP status.",
+            (*labels, "status"), registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("governor_requests_in_flight", "Requests being served now.", registry=r)
+        self.latency = Histogram(
+            "governor_request_duration_seconds", "End-to-end request latency.", labels,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "governor_time_to_first_token_seconds", "Time from request to the first generated token.", labels,
+            buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("governor_prompt_tokens", "Prompt tokens processed.", ("model",), registry=r)
+        self.output_tokens = Counter("governor_output_tokens", "Output tokens generated.", ("model",), registry=r)
+        self.loops_cut = Counter(
+            "governor_loops_detected", "Generations cut because they looped.", ("model",), registry=r
+        )
+        self._known: Callable[[], Iterable[str]] = lambda: ()
+
+    def bound_labels(self, known: Callable[[], Iterable[str]]) -> None:
+        """Only names from `known` (base model + registered adapters) get their own label value."""
+        self._known = known
+
+    def model_label(self, name: str) -> str:
+        return name if name in set(self._known()) else OTHER
+
+    def total_output_tokens(self) -> float:
+        total = 0.0
+        for metric in self.output_tokens.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    total += sample.value
+        return total
+
+
+class EngineCollector(Collector):
+    """Engine up/restart state, read from the engines at scrape time."""
+
+    def __init__(self, engines: Callable[[], list[EngineClient]]) -> None:
+        self._engines = engines
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily("governor_engine_up", "1 when the engine answers and generates.", labels=["engine"])
+        yield CounterMetricFamily("governor_engine_restarts", "Engine restarts by the supervisor.", labels=["engine"])
+        yield GaugeMetricFamily(
+            "governor_engine_outstanding_requests", "Requests the gateway has in flight per engine.", labels=["engine"]
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily("governor_engine_up", "1 when the engine answers and generates.", labels=["engine"])
+        restarts = CounterMetricFamily(
+            "governor_engine_restarts", "Engine restarts by the supervisor.", labels=["engine"]
+        )
+        outstanding = GaugeMetricFamily(
+            "governor_engine_outstanding_requests", "Requests the gateway has in flight per engine.", labels=["engine"]
+        )
+        for engine in self._engines():
+            up.add_metric([engine.name], 1.0 if engine.state == EngineState.READY else 0.0)
+            restarts.add_metric([engine.name], float(getattr(engine, "restarts", 0)))
+            outstanding.add_metric([engine.name], float(engine.outstanding))
+        yield up
+        yield restarts
+        yield outstanding

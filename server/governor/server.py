@@ -1,0 +1,71 @@
+"""Runs the gateway under uvicorn, with a draining shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+from governor.app import create_app
+from governor.bootstrap import build_policy, build_pool
+from governor.engine.base import EngineClient
+from governor.engine.pool import EnginePool
+from governor.settings import Settings
+
+log = logging.getLogger("governor")
+
+
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: /ready turns 503 and new requests get 503 while the listener stays open
+    for `drain_seconds`; running requests finish; then uvicorn shuts down. A second signal forces it."""
+
+    def __init__(self, config: uvicorn.Config, pool: EnginePool, drain_seconds: float, max_wait: float) -> None:
+        super().__init__(config)
+        self.pool = pool
+        self.drain_seconds = drain_seconds
+        self.max_wait = max_wait
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.pool.draining or self.drain_seconds <= 0:
+            super().handle_exit(sig, frame)
+            return
+        log.info("%s received: draining (%.0f s, then waiting for running requests)", signal.Signals(sig).name,
+                 self.drain_seconds)  # fmt: skip
+        self.pool.draining = True
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(self.drain_seconds)
+        deadline = time.monotonic() + self.max_wait
+        while self.pool.outstanding() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        log.info("drained; shutting down")
+        self.should_exit = True
+
+
+def run(settings: Settings) -> None:
+    pool, model_dir = build_pool(settings)
+    policy = build_policy(settings, model_dir)
+    app = create_app(settings, pool, policy, registry=None)
+    url = f"http://{settings.host}:{settings.port}/v1"
+    announced: set[str] = set()
+
+    async def announce(engine: EngineClient) -> None:
+        if not announced:
+            log.info("Governor ready: %s (model '%s')", url, engine.served_model)
+        announced.add(engine.name)
+
+    for engine in pool.engines:
+        engine.on_ready(announce)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        log_level="warning", access_log=False, timeout_graceful_shutdown=int(settings.request_timeout),
+    )  # fmt: skip
+    server = DrainingServer(config, pool, settings.drain_seconds, settings.request_timeout)
+    log.info("Governor listening on %s; the engine is warming up (first start compiles, ~1-3 min)", url)
+    server.run()

@@ -1,0 +1,99 @@
+"""Governor's one settings object: env prefix GOVERNOR_, CLI flags are generated from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "governor"
+
+
+def _split_list(value: object) -> object:
+    """Accept comma-separated strings from env/CLI for list fields."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of Governor. Env: GOVERNOR_<NAME>; CLI: --<name-with-dashes>."""
+
+    model_config = SettingsConfigDict(env_prefix="GOVERNOR_", extra="ignore")
+
+    # Listening
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on.")
+    log_level: str = Field("info", description="Logging level (debug, info, warning, error).")
+
+    # Model and engine
+    model: str = Field("", description="Model path or hub name; empty = the embedded SmolLM2-135M-Instruct.")
+    served_model_name: str = Field("", description="Name clients use in 'model'; default: derived from --model.")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where the embedded model and state live.")
+    state_dir: Path | None = Field(None, description="Adapter registry state; default: CACHE_DIR/state.")
+    engine_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Existing vLLM server URL(s), comma-separated; empty = start one."
+    )
+    engines: int = Field(1, ge=1, le=16, description="Local engine processes to start (ignored with ENGINE_URL).")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Engine profile; auto = gpu if nvidia-smi finds one."
+    )
+    engine_args: str = Field("", description="Extra arguments for the vLLM server, as one shell-quoted string.")
+    engine_port: int = Field(0, ge=0, le=65535, description="Port of the first local engine; 0 = a free one.")
+    enforce_eager: bool = Field(
+        False, description="Skip vLLM graph compilation: faster start, ~17% less throughput on CPU."
+    )
+    max_model_len: int = Field(4096, ge=64, description="Longest prompt + output the engine accepts.")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size for the CPU engine (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share for the GPU engine.")
+    engine_start_timeout: float = Field(900.0, gt=0, description="Seconds to wait for an engine to become healthy.")
+    restart_backoff_max: float = Field(30.0, gt=0, description="Longest pause between engine restarts (seconds).")
+
+    # LoRA
+    lora: bool = Field(True, description="Start the engine with LoRA enabled (costs ~10% throughput on CPU).")
+    adapters_dir: Path = Field(Path("adapters"), description="Adapters root, watched for PEFT folders.")
+    watch_adapters: bool = Field(True, description="Load/unload adapters when folders appear/disappear.")
+    max_loras: int = Field(4, ge=1, le=256, description="Adapters the engine holds at once (LRU beyond).")
+    max_lora_rank: int = Field(64, ge=1, le=512, description="Largest LoRA rank accepted.")
+    max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
+
+    # Requests
+    request_timeout: float = Field(600.0, gt=0, description="Deadline per request in seconds (504 past it).")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body (413 past it).")
+    max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_messages: int = Field(1024, ge=1, description="Most messages in one chat request.")
+    max_stop: int = Field(16, ge=0, description="Most stop strings in one request (after template stops).")
+    max_logprobs: int = Field(20, ge=0, description="Largest logprobs/top_logprobs.")
+    max_running: int = Field(256, ge=1, description="Requests in flight per engine before queueing.")
+    max_queued: int = Field(1024, ge=0, description="Requests waiting per engine before 429.")
+    allow_engine_fields: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Engine-side request fields clients may send (e.g. chat_template)."
+    )
+
+    # Auth
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="User keys for /v1 (comma-separated); empty = open."
+    )
+    admin_key: str = Field("", description="Key for /admin; empty = admin API off.")
+    metrics_auth: bool = Field(False, description="Require a user or admin key on /metrics.")
+
+    # Decoding policy
+    default_preset: str = Field("balanced", description="Decoding preset used when a request names none.")
+    presets_file: Path | None = Field(None, description="JSON file with user-defined presets.")
+    ready_cache_seconds: float = Field(2.0, ge=0, description="How long /ready reuses its generation probe.")
+    drain_seconds: float = Field(5.0, ge=0, description="On SIGTERM: seconds /ready is 503 before the listener closes.")
+
+    @field_validator("engine_url", "api_keys", "allow_engine_fields", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """Directory for the adapter registry's persisted state."""
+        return self.state_dir or self.cache_dir / "state"

@@ -1,0 +1,236 @@
+"""Relays an upstream vLLM SSE stream to the client, cutting loops on the way.
+
+Fast path (no loop detection): bytes are forwarded as they come, only the final usage event is
+parsed. Loop path: every event is parsed, text deltas go to one LoopDetector per choice, and a
+looping choice is finished with finish_reason "stop" / stop_reason "loop_detected"; once every
+choice is finished the upstream request is closed, which makes vLLM abort it and free its KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from governor.engine.base import Upstream
+from governor.errors import DeadlineExceeded, EngineUnavailable, GovernorError
+from governor.stream.assemble import Assembler
+from governor.stream.loop_detector import LoopConfig, LoopDetector, trim_to_first_copy
+from governor.stream.sse import DONE, EventSplitter, error_event, event, raw_event
+
+log = logging.getLogger("governor.stream")
+
+LOOP_REASON = "loop_detected"
+_VLLM_REPETITION = b"repetition_detected"
+_USAGE = b'"usage":{'
+
+
+@dataclass
+class RelayStats:
+    """What the relay saw; read by metrics once the request ends."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    loops_cut: int = 0
+    outcome: str = "ok"  # ok | loop | error | deadline | disconnect
+
+
+class Relay:
+    """One upstream response on its way to one client."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        kind: str,
+        n: int,
+        loop: LoopConfig | None,
+        client_usage: bool,
+        client_continuous: bool,
+    ) -> None:
+        self.upstream = upstream
+        self.kind = kind
+        self.n = max(1, n)
+        self.loop = loop
+        self.client_usage = client_usage
+        self.client_continuous = client_continuous
+        self.stats = RelayStats()
+        self._detectors: dict[int, LoopDetector] = {}
+        self._finished: set[int] = set()
+        self._cut_choices: set[int] = set()
+
+    # -- upstream events -------------------------------------------------------------------------------
+
+    async def _payloads(self) -> AsyncIterator[bytes]:
+        """Upstream `data:` payloads until [DONE]; a stream that ends without it is an error."""
+        splitter = EventSplitter()
+        try:
+            async for chunk in self.upstream.chunks():
+                if self.stats.first_token_at is None:
+                    self.stats.first_token_at = time.monotonic()
+                for payload in splitter.feed(chunk):
+                    if payload == b"[DONE]":
+                        return
+                    yield payload
+        except TimeoutError as exc:
+            raise DeadlineExceeded("Request deadline exceeded; generation was stopped.") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise EngineUnavailable("The engine stopped while generating; the response is incomplete.") from exc
+        raise EngineUnavailable("The engine closed the stream early; the response is incomplete.")
+
+    def _note_usage(self, obj: dict[str, Any]) -> None:
+        usage = obj.get("usage")
+        if usage:
+            self.stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.stats.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def _detector(self, index: int) -> LoopDetector:
+        det = self._detectors.get(index)
+        if det is None:
+            assert self.loop is not None
+            det = self._detectors[index] = LoopDetector(self.loop)
+        return det
+
+    def _drop_cut(self, obj: dict[str, Any]) -> None:
+        """With n > 1 the other choices go on upstream; a cut choice must not grow further."""
+        if self._cut_choices and obj.get("choices"):
+            obj["choices"] = [c for c in obj["choices"] if int(c.get("index", 0)) not in self._cut_choices]
+
+    def _scan(self, obj: dict[str, Any]) -> list[int]:
+        """Feed text deltas to the detectors; return the choices that just started looping."""
+        looping = []
+        for ch in obj.get("choices") or ():
+            index = int(ch.get("index", 0))
+            if ch.get("stop_reason") == "repetition_detected":
+                ch["stop_reason"] = LOOP_REASON  # vLLM's own n-gram stop reads the same to clients
+                self.stats.loops_cut += 1
+            if ch.get("finish_reason") is not None:
+                self._finished.add(index)
+                continue
+            if self.loop is None or index in self._finished:
+                continue
+            delta = ch.get("delta")
+            text = (delta.get("content") if delta else None) if self.kind == "chat" else ch.get("text")
+            if text and self._detector(index).feed(text) is not None:
+                looping.append(index)
+        return looping
+
+    def _cut(self, index: int, head: dict[str, Any]) -> dict[str, Any]:
+        """The chunk that finishes a looping choice."""
+        self._finished.add(index)
+        self._cut_choices.add(index)
+        self.stats.loops_cut += 1
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": "stop", "stop_reason": LOOP_REASON}
+        if self.kind == "chat":
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": head.get("id"), "object": obj, "created": head.get("created"), "model": head.get("model"),
+                "choices": [choice]}  # fmt: skip
+
+    def _usage_chunk(self, head: dict[str, Any]) -> dict[str, Any]:
+        s = self.stats
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                 "total_tokens": s.prompt_tokens + s.completion_tokens}  # fmt: skip
+        return {"id": head.get("id"), "object": obj, "created": head.get("created"), "model": head.get("model"),
+                "choices": [], "usage": usage}  # fmt: skip
+
+    # -- streaming clients -----------------------------------------------------------------------------
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE bytes for the client; errors become an error event followed by [DONE]."""
+        try:
+            if self.loop is None:
+                async for out in self._stream_fast():
+                    yield out
+            else:
+                async for out in self._stream_checked():
+                    yield out
+        except GovernorError as exc:
+            self.stats.outcome = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
+            log.warning("stream ended with error: %s", exc.message)
+            yield error_event(exc) + DONE
+        finally:
+            self.upstream.abort()
+
+    async def _stream_fast(self) -> AsyncIterator[bytes]:
+        async for payload in self._payloads():
+            if _USAGE in payload or _VLLM_REPETITION in payload:
+                obj = orjson.loads(payload)
+                self._note_usage(obj)
+                if _VLLM_REPETITION in payload:
+                    self._scan(obj)
+                    payload = orjson.dumps(obj)
+                if not obj.get("choices") and not self.client_usage:
+                    continue  # the usage-only chunk Governor asked for on its own behalf
+            yield raw_event(payload)
+        yield DONE
+
+    async def _stream_checked(self) -> AsyncIterator[bytes]:
+        head: dict[str, Any] = {}
+        async for payload in self._payloads():
+            obj = orjson.loads(payload)
+            if not head:
+                head = obj
+            self._note_usage(obj)
+            usage_only = not obj.get("choices")
+            self._drop_cut(obj)
+            if usage_only and not self.client_usage:
+                continue
+            if not usage_only and not obj["choices"]:
+                continue  # only deltas of choices already cut
+            looping = self._scan(obj)
+            if "usage" in obj and not usage_only and not self.client_continuous:
+                del obj["usage"]  # continuous usage was Governor's request, not the client's
+            out = event(obj)
+            for index in looping:
+                out += event(self._cut(index, head))
+            yield out
+            if len(self._finished) >= self.n and looping:
+                self.stats.outcome = "loop"
+                if self.client_usage:
+                    yield event(self._usage_chunk(head))
+                break
+        yield DONE
+
+    # -- non-streaming clients -------------------------------------------------------------------------
+
+    async def collect(self) -> dict[str, Any]:
+        """Consume the whole stream and return the ordinary non-streaming body."""
+        assembler = Assembler(self.kind)
+        try:
+            async for payload in self._payloads():
+                obj = orjson.loads(payload)
+                self._note_usage(obj)
+                self._drop_cut(obj)
+                looping = self._scan(obj)
+                assembler.add(obj)
+                for index in looping:
+                    self._finished.add(index)
+                    self._cut_choices.add(index)
+                    self.stats.loops_cut += 1
+                    parts = assembler.choice(index)
+                    parts.text = [trim_to_first_copy("".join(parts.text), self.loop or LoopConfig())]
+                    parts.finish_reason, parts.stop_reason = "stop", LOOP_REASON
+                if looping and len(self._finished) >= self.n:
+                    self.stats.outcome = "loop"
+                    break
+        except GovernorError:
+            self.stats.outcome = "error"
+            raise
+        finally:
+            self.upstream.abort()
+        if assembler.usage is None or self.stats.outcome == "loop":
+            # usage still reports every token generated, including the trimmed ones
+            s = self.stats
+            assembler.usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                               "total_tokens": s.prompt_tokens + s.completion_tokens}  # fmt: skip
+        return assembler.result()

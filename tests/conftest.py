@@ -1,0 +1,108 @@
+"""Shared fixtures. `live` starts the real `governor serve` (real vLLM on the embedded model) once
+per test session; unit tests use the fake engine over real HTTP instead."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from governor.engine.process import free_port
+
+ADMIN_KEY = "test-admin-key"
+START_TIMEOUT = 600.0
+
+
+@dataclass
+class Live:
+    """A running Governor with a real engine."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    adapters_dir: Path
+    log_path: Path
+    model: str = "SmolLM2-135M-Instruct"
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    def engine_pids(self) -> list[int]:
+        """The vLLM API server processes the gateway supervises."""
+        parent = psutil.Process(self.proc.pid)
+        return [
+            p.pid
+            for p in parent.children(recursive=False)
+            if any("vllm.entrypoints.openai.api_server" in part for part in p.cmdline())
+        ]
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll until predicate() is truthy; fail at the deadline (no fixed sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("live")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    port = free_port()
+    log_path = root / "governor.log"
+    env = {
+        **os.environ,
+        "GOVERNOR_PORT": str(port),
+        "GOVERNOR_ENFORCE_EAGER": "true",  # ~50 s start instead of ~2.5 min compile; tests need no peak speed
+        "GOVERNOR_ADAPTERS_DIR": str(adapters),
+        "GOVERNOR_STATE_DIR": str(root / "state"),
+        "GOVERNOR_ADMIN_KEY": ADMIN_KEY,
+        "GOVERNOR_MAX_LORA_RANK": "16",
+        "GOVERNOR_LOG_LEVEL": "info",
+    }
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "governor", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    server = Live(f"http://127.0.0.1:{port}", proc, adapters, log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready(server.url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"governor did not become ready:\n{server.log_tail()}")
+            time.sleep(1)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
