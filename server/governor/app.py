@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import disable_created_metrics
 
 from governor.api import openai_routes, ops_routes
 from governor.engine.pool import EnginePool
@@ -25,6 +26,7 @@ log = logging.getLogger("governor")
 
 def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: Any = None) -> FastAPI:
     """Assemble the gateway around an engine pool and a decoding policy."""
+    disable_created_metrics()  # `_created` series double the exposition and no dashboard reads them
     metrics = GatewayMetrics()
     gpu = GpuCollector(metrics.total_output_tokens)
     metrics.registry.register(gpu)

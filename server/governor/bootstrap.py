@@ -59,4 +59,7 @@ def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
 def build_policy(settings: Settings, model_dir: Path | None) -> Policy:
     info = TokenizerInfo.load(model_dir) if model_dir else TokenizerInfo.generic()
     presets = load_presets(settings.presets_file)
-    return Policy(presets, settings.default_preset, info, settings.max_model_len, settings.max_stop)
+    return Policy(
+        presets, settings.default_preset, info, settings.max_model_len, settings.max_stop,
+        allow_engine_fields=settings.allow_engine_fields,
+    )  # fmt: skip

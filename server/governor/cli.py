@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import click
+import inspect
 import typer
 
 from governor import logs
@@ -18,18 +18,23 @@ app = typer.Typer(no_args_is_help=True, help="Governor: an OpenAI-compatible gat
 model_app = typer.Typer(no_args_is_help=True, help="The embedded default model.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one run).")
 app.add_typer(model_app, name="model")
+eval_app = typer.Typer(no_args_is_help=True, help="Quality evaluations.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")
 
 
-def settings_options() -> list[click.Parameter]:
-    """One --flag per Settings field; unset flags leave env/defaults in charge."""
-    params: list[click.Parameter] = []
+def _serve_parameters() -> list[inspect.Parameter]:
+    """One --flag per Settings field; unset flags (None) leave env and defaults in charge."""
+    params = []
     for name, field in Settings.model_fields.items():
-        flag = name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
-            params.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=field.description))
+            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=field.description, show_default=False)
+            annotation: Any = bool | None
         else:
-            params.append(click.Option([f"--{flag}", name], default=None, type=str, help=field.description))
+            option = typer.Option(None, flag, help=field.description, show_default=False)
+            annotation = str | None
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 
 
@@ -44,6 +49,10 @@ def serve(**values: Any) -> None:
     settings = settings_from(values)
     logs.setup(settings.log_level)
     run(settings)
+
+
+serve.__signature__ = inspect.Signature(_serve_parameters())  # type: ignore[attr-defined]
+app.command("serve")(serve)
 
 
 @model_app.command("prepare")
@@ -69,10 +78,8 @@ def main() -> None:
     from governor import bench_cli
 
     bench_cli.register(bench_app)
-    group = typer.main.get_command(app)
-    assert isinstance(group, click.Group)
-    group.add_command(click.Command("serve", callback=serve, params=settings_options(), help=serve.__doc__))
-    group(prog_name="governor")
+    bench_cli.register_eval(eval_app)
+    app(prog_name="governor")
 
 
 if __name__ == "__main__":

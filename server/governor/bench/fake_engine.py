@@ -18,7 +18,8 @@ _WORDS = (
     "tundra", "cobalt", "willow", "canyon", "saffron", "glacier", "thistle", "beacon", "marble", "prairie",
 )  # fmt: skip
 # Varied text: a repeating fake stream would (rightly) be cut by the loop detector.
-_STREAM = [" " + random.Random(7).choice(_WORDS) for _ in range(65536)]
+_RNG = random.Random(7)
+_STREAM = [" " + _RNG.choice(_WORDS) for _ in range(65536)]
 
 
 def _chunk(kind: str, rid: str, text: str, finish: str | None, usage: dict[str, int] | None) -> bytes:

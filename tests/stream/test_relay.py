@@ -1,0 +1,149 @@
+"""Relay unit tests over an in-memory upstream: pass-through, usage handling, loop cuts, errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from governor.errors import EngineUnavailable
+from governor.stream.loop_detector import LoopConfig
+from governor.stream.relay import Relay
+from governor.stream.sse import EventSplitter
+
+
+class MemoryUpstream:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.status = 200
+        self._chunks = chunks
+        self.aborted = False
+        self.served = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            if self.aborted:
+                return
+            self.served += 1
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def chat_events(texts: list[str], finish: str = "length", usage_each: bool = False, done: bool = True) -> list[bytes]:
+    out = []
+    for i, text in enumerate(texts):
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish if i == len(texts) - 1 else None}
+        body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                "choices": [choice]}  # fmt: skip
+        if usage_each:
+            body["usage"] = {"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": 4 + i}
+        out.append(b"data: " + orjson.dumps(body) + b"\n\n")
+    usage = {"prompt_tokens": 3, "completion_tokens": len(texts), "total_tokens": 3 + len(texts)}
+    out.append(b"data: " + orjson.dumps({"id": "c1", "choices": [], "usage": usage}) + b"\n\n")
+    if done:
+        out.append(b"data: [DONE]\n\n")
+    return out
+
+
+async def drain(relay: Relay) -> list[Any]:
+    splitter = EventSplitter()
+    events = []
+    async for chunk in relay.stream():
+        for payload in splitter.feed(chunk):
+            events.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+    return events
+
+
+# Token-sized deltas, as vLLM streams them.
+LOOP = [w + " " for w in ("The sea is calm tonight and the stars are bright. " * 12).split()]
+PROSE = [f"Sentence number {w} talks about a different {w} topic entirely. " for w in
+         ("red", "blue", "green", "stone", "river", "cloud")]  # fmt: skip
+
+
+async def test_fast_path_passes_bytes_and_hides_unrequested_usage() -> None:
+    up = MemoryUpstream(chat_events(["Hel", "lo"]))
+    relay = Relay(up, kind="chat", n=1, loop=None, client_usage=False, client_continuous=False)
+    events = await drain(relay)
+    assert events[-1] == "[DONE]"
+    assert all(e == "[DONE]" or e["choices"] for e in events)  # the usage-only chunk was Governor's
+    assert relay.stats.completion_tokens == 2 and relay.stats.prompt_tokens == 3
+
+
+async def test_fast_path_keeps_requested_usage() -> None:
+    relay = Relay(MemoryUpstream(chat_events(["a", "b"])), kind="chat", n=1, loop=None, client_usage=True,
+                  client_continuous=False)  # fmt: skip
+    events = await drain(relay)
+    assert events[-2]["usage"]["completion_tokens"] == 2
+
+
+async def test_loop_is_cut_with_stop_reason_and_upstream_aborted() -> None:
+    up = MemoryUpstream(chat_events(LOOP, usage_each=True))
+    relay = Relay(up, kind="chat", n=1, loop=LoopConfig(), client_usage=True, client_continuous=False)
+    events = await drain(relay)
+    finals = [e for e in events if e != "[DONE]" and e["choices"] and e["choices"][0].get("finish_reason")]
+    assert finals[-1]["choices"][0]["finish_reason"] == "stop"
+    assert finals[-1]["choices"][0]["stop_reason"] == "loop_detected"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e != "[DONE]" and e["choices"])
+    assert text.count("The sea is calm tonight and the stars are bright.") == 2  # a reader sees at most two copies
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] >= 1  # usage still reported after the cut
+    assert up.aborted and up.served < len(LOOP)
+    assert relay.stats.loops_cut == 1 and relay.stats.outcome == "loop"
+    # continuous usage was Governor's request only: content chunks carry none
+    assert all("usage" not in e for e in events[:-2] if e != "[DONE]")
+
+
+async def test_varied_text_is_not_cut() -> None:
+    relay = Relay(MemoryUpstream(chat_events(PROSE, usage_each=True)), kind="chat", n=1, loop=LoopConfig(),
+                  client_usage=False, client_continuous=False)  # fmt: skip
+    events = await drain(relay)
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert relay.stats.loops_cut == 0
+
+
+async def test_collect_trims_to_first_copy_and_counts_all_tokens() -> None:
+    up = MemoryUpstream(chat_events(LOOP, usage_each=True))
+    relay = Relay(up, kind="chat", n=1, loop=LoopConfig(), client_usage=False, client_continuous=False)
+    body = await relay.collect()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == "loop_detected"
+    assert choice["message"]["content"].count("The sea is calm tonight") == 1
+    assert body["usage"]["completion_tokens"] > 1
+
+
+async def test_truncated_stream_is_an_error_event() -> None:
+    up = MemoryUpstream(chat_events(["a", "b"], done=False)[:-1])
+    relay = Relay(up, kind="chat", n=1, loop=None, client_usage=False, client_continuous=False)
+    events = await drain(relay)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "engine_unavailable"
+    assert relay.stats.outcome == "error"
+
+
+async def test_truncated_stream_raises_for_non_streaming() -> None:
+    up = MemoryUpstream(chat_events(["a"], done=False)[:-1])
+    relay = Relay(up, kind="chat", n=1, loop=LoopConfig(), client_usage=False, client_continuous=False)
+    with pytest.raises(EngineUnavailable):
+        await relay.collect()
+
+
+async def test_vllm_repetition_detected_reads_as_loop_detected() -> None:
+    body = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop",
+                                     "stop_reason": "repetition_detected"}]}  # fmt: skip
+    up = MemoryUpstream([b"data: " + orjson.dumps(body) + b"\n\n", b"data: [DONE]\n\n"])
+    relay = Relay(up, kind="chat", n=1, loop=None, client_usage=False, client_continuous=False)
+    events = await drain(relay)
+    assert events[0]["choices"][0]["stop_reason"] == "loop_detected"
+    assert relay.stats.loops_cut == 1
+
+
+def test_splitter_handles_split_events() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b'data: {"a"') == []
+    assert splitter.feed(b":1}\n\ndata: [DONE]\n\n") == [b'{"a":1}', b"[DONE]"]
