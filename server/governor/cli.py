@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
-import inspect
 import typer
 
 from governor import logs

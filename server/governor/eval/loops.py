@@ -143,10 +143,10 @@ async def run_eval(url: str, model: str, configs: list[str], prompts: list[dict[
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for name in configs:
-            extra = CONFIGS[name] if name in CONFIGS else {"decoding_preset": name}
+            extra = CONFIGS.get(name, {"decoding_preset": name})
             gate = asyncio.Semaphore(concurrency)
 
-            async def one(p: dict[str, Any], extra: dict[str, Any] = extra) -> Answer:
+            async def one(p: dict[str, Any], extra: dict[str, Any] = extra, gate: asyncio.Semaphore = gate) -> Answer:
                 async with gate:
                     return await _ask(session, url.rstrip("/"), model, p, extra, max_tokens, headers)
 
