@@ -121,7 +121,7 @@ def check_limits(req: _Generation, raw: dict[str, Any], settings: Settings) -> N
         raise InvalidRequest(f"'stop' may hold at most {settings.max_stop} strings.", param="stop")
     if any(len(s) > 256 for s in stops):
         raise InvalidRequest("each 'stop' string must be at most 256 characters.", param="stop")
-    logprobs = getattr(req, "top_logprobs", None) if isinstance(req, ChatCompletionRequest) else req.logprobs
+    logprobs = getattr(req, "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs", None)
     if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > settings.max_logprobs:
         param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
         raise InvalidRequest(f"'{param}' must be at most {settings.max_logprobs}.", param=param)

@@ -1,0 +1,345 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from governor.errors import InvalidRequest
+from governor.policy.builder import ENGINE_HOOKS, GOVERNOR_FIELDS, Policy
+from governor.policy.presets import CONTROL_FIELDS, Preset, PresetError, builtin_presets, parse_presets
+from governor.policy.tokenizer_info import TokenizerInfo
+from governor.processors import extra_args as xa
+from governor.stream.loop_detector import LoopConfig
+
+CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+COMPLETION: dict[str, Any] = {"model": "m", "prompt": "### Instruction:\nhi\n\n### Response:\n"}
+ALPACA_STOPS = ["\n### Instruction:", "\n### Input:", "\n### Response:"]
+DRY = set(xa.DRY_KEYS)
+NGRAM = set(xa.NGRAM_KEYS)
+REP = set(xa.REP_KEYS)
+
+
+def _chatml_info(vocab: int = 1000) -> TokenizerInfo:
+    """A ChatML model whose turn markers are plain text (no special tokens known)."""
+    return TokenizerInfo(vocab_size=vocab, chat_template="<|im_start|>{{ m }}<|im_end|>")
+
+
+def _policy(info: TokenizerInfo | None = None, **kwargs: Any) -> Policy:
+    return Policy(
+        builtin_presets(),
+        kwargs.pop("default", "balanced"),
+        info or _chatml_info(),
+        kwargs.pop("max_model_len", 4096),
+        kwargs.pop("max_stop", 16),
+        **kwargs,
+    )
+
+
+# -- presets → vllm_xargs ------------------------------------------------------------------------
+
+
+def test_balanced_default(policy: Policy, smol: TokenizerInfo) -> None:
+    result = policy.build(dict(CHAT), kind="chat")
+    assert result.preset == "balanced"
+    assert result.loop == LoopConfig()
+    xargs = result.body["vllm_xargs"]
+    assert set(xargs) == DRY
+    assert xargs[xa.DRY_MULTIPLIER] == 0.8 and xargs[xa.DRY_ALLOWED_LENGTH] == 3
+    assert smol.special_id("<|im_end|>") not in xargs[xa.DRY_BREAKERS]
+    assert "stop" not in result.body and "stop_token_ids" not in result.body  # chat: vLLM stops at EOS
+    assert "repetition_penalty" not in result.body
+
+
+def test_off_sends_nothing(policy: Policy) -> None:
+    body = {**CHAT, "decoding_preset": "off"}
+    result = policy.build(body, kind="chat")
+    assert result.body == CHAT
+    assert result.loop is None and result.preset == "off"
+
+
+def test_strict(policy: Policy, smol: TokenizerInfo) -> None:
+    result = policy.build({**CHAT, "decoding_preset": "strict"}, kind="chat")
+    xargs = result.body["vllm_xargs"]
+    assert set(xargs) == DRY | NGRAM | REP
+    assert xargs[xa.NGRAM_SIZE] == 4 and xargs[xa.REP_WINDOW] == 64 and xargs[xa.REP_SCOPE] == "output"
+    assert set(smol.digit_punct_ids) <= set(xargs[xa.REP_EXEMPT])
+    assert result.loop is not None and result.loop.min_sentence_chars < LoopConfig().min_sentence_chars
+
+
+def test_xargs_hold_only_enabled_controls(policy: Policy) -> None:
+    body = policy.build({**CHAT, "dry_multiplier": 0}, kind="chat").body
+    assert "vllm_xargs" not in body
+    xargs = policy.build({**CHAT, "decoding_preset": "off", "ngram_size": 3}, kind="chat").body["vllm_xargs"]
+    assert xargs == {xa.NGRAM_SIZE: 3, xa.NGRAM_WINDOW: 0}
+    xargs = policy.build({**CHAT, "decoding_preset": "off", "rep_penalty": 1.2}, kind="chat").body["vllm_xargs"]
+    assert xargs == {xa.REP_PENALTY: 1.2, xa.REP_WINDOW: 0, xa.REP_SCOPE: "output"}
+    assert set(xargs) <= xa.ALL_KEYS
+
+
+def test_xargs_parse_with_the_processors_parsers(policy: Policy) -> None:
+    xargs = policy.build({**CHAT, "decoding_preset": "strict"}, kind="chat").body["vllm_xargs"]
+    dry, ngram, rep = xa.parse_dry(xargs), xa.parse_ngram(xargs), xa.parse_rep_penalty(xargs)
+    assert dry is not None and ngram is not None and rep is not None
+    assert dry.breakers and rep.exempt and not rep.include_prompt
+
+
+def test_request_overrides(policy: Policy) -> None:
+    result = policy.build(
+        {**CHAT, "decoding_preset": "strict", "dry_multiplier": 1.2, "loop_detection": False}, kind="chat"
+    )
+    assert result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == 1.2
+    assert result.body["vllm_xargs"][xa.NGRAM_SIZE] == 4
+    assert result.loop is None and result.preset == "strict"
+    loop = policy.build({**CHAT, "loop_near_repeat_window": 10}, kind="chat").loop
+    assert loop is not None and loop.near_repeat_window == 10
+
+
+def test_governor_fields_are_stripped_and_body_is_a_copy(policy: Policy) -> None:
+    body = {**CHAT, "decoding_preset": "balanced", "dry_base": 2.0, "ngram_window": None, "temperature": 0.3}
+    before = dict(body)
+    out = policy.build(body, kind="chat").body
+    assert body == before
+    assert not GOVERNOR_FIELDS & set(out)
+    assert out["temperature"] == 0.3 and out["messages"] is body["messages"]
+    assert {"decoding_preset", "dry_multiplier", "loop_detection"} <= GOVERNOR_FIELDS
+    assert CONTROL_FIELDS <= GOVERNOR_FIELDS
+
+
+def test_engine_hooks_are_never_copied(policy: Policy) -> None:
+    hooks = {
+        "vllm_xargs": {"gov_dry_multiplier": 9},
+        "logits_processors": ["x"],
+        "chat_template": "{{x}}",
+        "chat_template_kwargs": {"a": 1},
+    }
+    assert set(hooks) == ENGINE_HOOKS
+    out = policy.build({**CHAT, **hooks}, kind="chat").body
+    assert out["vllm_xargs"][xa.DRY_MULTIPLIER] == 0.8
+    assert not {"logits_processors", "chat_template", "chat_template_kwargs"} & set(out)
+    out = policy.build({**CHAT, **hooks, "decoding_preset": "off"}, kind="chat").body
+    assert not ENGINE_HOOKS & set(out)
+
+
+def test_operator_allowed_engine_field_is_kept() -> None:
+    policy = _policy(allow_engine_fields=["chat_template", "vllm_xargs"])
+    out = policy.build({**CHAT, "chat_template": "{{x}}", "vllm_xargs": {"session_id": "a"}}, kind="chat").body
+    assert out["chat_template"] == "{{x}}"
+    assert out["vllm_xargs"]["session_id"] == "a" and xa.DRY_MULTIPLIER in out["vllm_xargs"]
+
+
+# -- stops ---------------------------------------------------------------------------------------
+
+
+def test_completions_get_the_models_template_stops() -> None:
+    out = _policy().build(dict(COMPLETION), kind="completions").body
+    assert out["stop"] == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_special_token_stops_become_stop_token_ids(policy: Policy) -> None:
+    out = policy.build({**COMPLETION, "stop": ["END"], "stop_token_ids": [7]}, kind="completions").body
+    assert out["stop"] == ["END"]
+    assert out["stop_token_ids"] == [7, 2, 1]
+
+
+def test_request_stop_is_kept_and_merged() -> None:
+    policy = _policy()
+    out = policy.build({**COMPLETION, "stop": "END"}, kind="completions").body
+    assert out["stop"] == ["END", "<|im_end|>", "<|im_start|>"]
+    out = policy.build({**COMPLETION, "stop": ["<|im_end|>", "END", "END"]}, kind="completions").body
+    assert out["stop"] == ["<|im_end|>", "END", "<|im_start|>"]
+    out = policy.build({**CHAT, "stop": "END"}, kind="chat").body
+    assert out["stop"] == "END"  # nothing to add: left exactly as sent
+
+
+def test_stop_limit_counts_template_stops() -> None:
+    policy = _policy(max_stop=4)
+    policy.build({**COMPLETION, "stop": ["a", "b"]}, kind="completions")
+    policy.build({**COMPLETION, "stop": ["a", "b", "<|im_end|>"]}, kind="completions")  # dedup: 4 in all
+    with pytest.raises(InvalidRequest) as err:
+        policy.build({**COMPLETION, "stop": ["a", "b", "c"]}, kind="completions")
+    assert err.value.param == "stop" and "at most 2" in err.value.message
+    tight = _policy(max_stop=0)  # template stops alone exceed the limit: still served
+    assert tight.build(dict(COMPLETION), kind="completions").body["stop"] == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_profile_template_alpaca_adds_stops_to_chat_and_completions(policy: Policy) -> None:
+    profile = {"template": "alpaca", "stop": ["<END>"]}
+    for kind, body in (("chat", CHAT), ("completions", COMPLETION)):
+        out = policy.build({**body, "stop": "x"}, kind=kind, profile=profile).body  # type: ignore[arg-type]
+        assert out["stop"] == ["x", *ALPACA_STOPS, "<END>"]
+        assert "stop_token_ids" not in out
+
+
+def test_profile_naming_the_models_own_template_applies_to_chat(policy: Policy) -> None:
+    out = policy.build(dict(CHAT), kind="chat", profile={"template": "chatml"}).body
+    assert out["stop_token_ids"] == [2, 1]
+
+
+def test_model_profile_template_differing_from_detection_applies_to_chat() -> None:
+    policy = _policy(model_profile={"template": "vicuna"})
+    assert policy.family.name == "vicuna"
+    assert policy.build(dict(CHAT), kind="chat").body["stop"] == ["\nUSER:"]
+
+
+def test_plain_model_has_no_template_stops(generic_policy: Policy) -> None:
+    out = generic_policy.build(dict(COMPLETION), kind="completions").body
+    assert "stop" not in out and "stop_token_ids" not in out
+
+
+# -- layering ------------------------------------------------------------------------------------
+
+
+def test_layers_apply_in_order() -> None:
+    policy = _policy(model_profile={"dry_multiplier": 0.5, "dry_allowed_length": 5, "repetition_penalty": 1.02})
+    out = policy.build({**CHAT, "dry_base": 2.0}, kind="chat", profile={"dry_allowed_length": 4}).body
+    xargs = out["vllm_xargs"]
+    assert (xargs[xa.DRY_MULTIPLIER], xargs[xa.DRY_ALLOWED_LENGTH], xargs[xa.DRY_BASE]) == (0.5, 4, 2.0)
+    assert out["repetition_penalty"] == 1.02
+
+
+def test_a_layer_naming_a_preset_starts_over() -> None:
+    policy = _policy(model_profile={"preset": "strict", "dry_multiplier": 0.3})
+    result = policy.build(dict(CHAT), kind="chat")
+    assert result.preset == "strict" and result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == 0.3
+    result = policy.build(dict(CHAT), kind="chat", profile={"preset": "off"})
+    assert result.preset == "off" and "vllm_xargs" not in result.body and result.loop is None
+    result = policy.build(
+        {**CHAT, "decoding_preset": "balanced"}, kind="chat", profile={"dry_multiplier": 2.0, "template": "alpaca"}
+    )
+    assert result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == 0.8  # profile fields dropped...
+    assert result.body["stop"] == ALPACA_STOPS  # ...its template kept
+
+
+def test_preset_passthrough_fields_fill_only_unset_fields() -> None:
+    presets = parse_presets(
+        {"gentle": {"repetition_penalty": 1.05, "repetition_detection": {"max_pattern_size": 8, "min_count": 4}}}
+    )
+    policy = Policy(presets, "gentle", _chatml_info(), 4096, 16)
+    out = policy.build(dict(CHAT), kind="chat").body
+    assert out["repetition_penalty"] == 1.05
+    assert out["repetition_detection"] == {"max_pattern_size": 8, "min_pattern_size": 0, "min_count": 4}
+    out["repetition_detection"]["min_count"] = 99  # the cached default is not shared
+    assert policy.build(dict(CHAT), kind="chat").body["repetition_detection"]["min_count"] == 4
+    assert policy.build({**CHAT, "repetition_penalty": 1.3}, kind="chat").body["repetition_penalty"] == 1.3
+
+
+def test_same_profile_content_is_resolved_once(policy: Policy) -> None:
+    a = policy.build(dict(CHAT), kind="chat", profile={"template": "alpaca", "stop": ["x"]})
+    b = policy.build(dict(CHAT), kind="chat", profile={"stop": ["x"], "template": "alpaca"})
+    assert a.body["vllm_xargs"][xa.DRY_BREAKERS] is b.body["vllm_xargs"][xa.DRY_BREAKERS]
+    assert a.body["stop"] == b.body["stop"]
+
+
+def test_windows_clamp_for_presets_and_fail_for_requests() -> None:
+    policy = _policy(max_model_len=512)
+    assert policy.build(dict(CHAT), kind="chat").body["vllm_xargs"][xa.DRY_RANGE] == 0  # 1024 ≥ context: all
+    with pytest.raises(InvalidRequest) as err:
+        policy.build({**CHAT, "dry_range": 1000}, kind="chat")
+    assert err.value.param == "dry_range"
+
+
+def test_generic_tokenizer_skips_token_lists(generic_policy: Policy) -> None:
+    xargs = generic_policy.build({**CHAT, "decoding_preset": "strict"}, kind="chat").body["vllm_xargs"]
+    assert xa.DRY_BREAKERS not in xargs and xa.REP_EXEMPT not in xargs
+    xargs = generic_policy.build({**CHAT, "rep_penalty": 1.1, "rep_exempt": [10**6]}, kind="chat").body["vllm_xargs"]
+    assert xargs[xa.REP_EXEMPT] == [10**6]  # vocabulary unknown: not checked
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_unknown_preset(policy: Policy) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        policy.build({**CHAT, "decoding_preset": "turbo"}, kind="chat")
+    assert err.value.param == "decoding_preset"
+    assert all(name in err.value.message for name in ("off", "balanced", "strict"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"decoding_preset": 3}, "decoding_preset"),
+        ({"dry_multiplier": -1}, "dry_multiplier"),
+        ({"dry_multiplier": "0.8"}, "dry_multiplier"),
+        ({"dry_base": 0.5}, "dry_base"),
+        ({"dry_allowed_length": 0}, "dry_allowed_length"),
+        ({"dry_allowed_length": 2.5}, "dry_allowed_length"),
+        ({"dry_range": -1}, "dry_range"),
+        ({"dry_range": 5000}, "dry_range"),
+        ({"dry_breakers": "\n"}, "dry_breakers"),
+        ({"dry_breakers": [""]}, "dry_breakers"),
+        ({"dry_breakers": ["x"] * 33}, "dry_breakers"),
+        ({"ngram_size": -1}, "ngram_size"),
+        ({"ngram_size": 33}, "ngram_size"),
+        ({"ngram_size": True}, "ngram_size"),
+        ({"ngram_window": -5}, "ngram_window"),
+        ({"ngram_size": 3, "ngram_window": 4097}, "ngram_window"),
+        ({"rep_penalty": 0.9}, "rep_penalty"),
+        ({"rep_penalty": 3.5}, "rep_penalty"),
+        ({"rep_window": 10**6}, "rep_window"),
+        ({"rep_scope": "prompt"}, "rep_scope"),
+        ({"rep_exempt": [-1]}, "rep_exempt"),
+        ({"rep_exempt": [49152]}, "rep_exempt"),
+        ({"rep_exempt": "1,2"}, "rep_exempt"),
+        ({"rep_exempt": list(range(4097))}, "rep_exempt"),
+        ({"rep_exempt_digits_punct": "yes"}, "rep_exempt_digits_punct"),
+        ({"loop_detection": 1}, "loop_detection"),
+        ({"loop_near_repeat_count": 1}, "loop_near_repeat_count"),
+        ({"loop_near_repeat_count": 9}, "loop_near_repeat_count"),
+        ({"loop_max_period_chars": 4000}, "loop_max_period_chars"),
+        ({"loop_buffer_chars": 1000}, "loop_buffer_chars"),
+    ],
+)
+def test_bad_fields_name_the_param(policy: Policy, fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        policy.build({**COMPLETION, **fields}, kind="completions")
+    assert err.value.param == param
+    assert err.value.status == 400
+
+
+def test_bad_stop_types() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        _policy().build({**COMPLETION, "stop": 3}, kind="completions")
+    assert err.value.param == "stop"
+    with pytest.raises(InvalidRequest) as err:
+        _policy().build({**COMPLETION, "stop": ["a", None]}, kind="completions")
+    assert err.value.param == "stop"
+
+
+def test_bad_stop_token_ids(policy: Policy) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        policy.build({**COMPLETION, "stop_token_ids": "2"}, kind="completions")
+    assert err.value.param == "stop_token_ids"
+
+
+@pytest.mark.parametrize(
+    ("profile", "needle"),
+    [
+        ({"template": "klingon"}, "template"),
+        ({"template": 3}, "template"),
+        ({"preset": "turbo"}, "preset"),
+        ({"stop": [1]}, "stop"),
+        ({"stop": ["x"] * 33}, "stop"),
+        ({"dry_multiplier": -1}, "dry_multiplier"),
+        ({"dry_multipler": 1}, "dry_multipler"),
+        ({"rep_exempt": [10**6]}, "rep_exempt"),
+        ({"loop_near_repeat_count": 9}, "near_repeat"),
+    ],
+)
+def test_bad_profiles(policy: Policy, profile: dict[str, Any], needle: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        policy.build(dict(CHAT), kind="chat", profile=profile)
+    assert err.value.param == "model"
+    assert needle in err.value.message and "governor.json" in err.value.message
+    with pytest.raises(InvalidRequest):
+        policy.validate_profile(profile)
+
+
+def test_startup_errors(smol: TokenizerInfo) -> None:
+    with pytest.raises(PresetError, match="default preset 'turbo'"):
+        Policy(builtin_presets(), "turbo", smol, 4096, 16)
+    with pytest.raises(PresetError, match=r"model profile.*template"):
+        Policy(builtin_presets(), "balanced", smol, 4096, 16, model_profile={"template": "klingon"})
+    presets = {**builtin_presets(), "wide": Preset(rep_penalty=1.1, rep_exempt=[60000])}
+    with pytest.raises(PresetError, match=r"preset 'wide'.*vocabulary"):
+        Policy(presets, "balanced", smol, 4096, 16)

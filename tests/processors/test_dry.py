@@ -1,0 +1,129 @@
+"""DRYLogitsProcessor against a direct port of text-generation-webui's DRY sampler."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from governor.processors.dry import DRYLogitsProcessor
+
+from .harness import BatchSim, make_processor, random_session
+
+VOCAB = 12
+
+
+def dry_reference(prompt: list[int], output: list[int], args: dict[str, Any], row: torch.Tensor) -> torch.Tensor:
+    """text-generation-webui's DRYLogitsProcessor.__call__ for one row, full scan, no index."""
+    multiplier = float(args.get("gov_dry_multiplier", 0.0))
+    base = float(args.get("gov_dry_base", 1.75))
+    allowed_length = int(args.get("gov_dry_allowed_length", 2))
+    lookback = int(args.get("gov_dry_range", 0))
+    breakers = set(args.get("gov_dry_breakers", []))
+    input_ids = prompt + output
+    if lookback > 0:
+        input_ids = input_ids[-lookback:]
+    if multiplier <= 0 or not input_ids:
+        return row
+    last_token = input_ids[-1]
+    if last_token in breakers:
+        return row
+    match_indices = [idx for idx, val in enumerate(input_ids[:-1]) if val == last_token]
+    match_lengths: dict[int, int] = {}
+    for i in match_indices:
+        next_token = input_ids[i + 1]
+        if next_token in breakers:
+            continue
+        match_length = 1
+        while match_length < 50:
+            j = i - match_length
+            if j < 0:
+                break
+            previous_token = input_ids[-(match_length + 1)]
+            if input_ids[j] != previous_token or previous_token in breakers:
+                break
+            match_length += 1
+        match_lengths[next_token] = max(match_length, match_lengths.get(next_token, 0))
+    for token, match_length in match_lengths.items():
+        if match_length >= allowed_length:
+            row[token] -= multiplier * base ** (match_length - allowed_length)
+    return row
+
+
+def random_dry_args(rng: random.Random) -> dict[str, Any] | None:
+    if rng.random() < 0.25:
+        return rng.choice([None, {}, {"gov_dry_multiplier": 0.0}, {"gov_ngram_size": 2}])
+    args: dict[str, Any] = {"gov_dry_multiplier": rng.choice([0.8, 1.0, 2.5])}
+    if rng.random() < 0.5:
+        args["gov_dry_base"] = rng.choice([1.0, 1.75, 3.0])
+    if rng.random() < 0.5:
+        args["gov_dry_allowed_length"] = rng.choice([1, 2, 3])
+    if rng.random() < 0.5:
+        args["gov_dry_range"] = rng.choice([0, 4, 9])
+    if rng.random() < 0.4:
+        args["gov_dry_breakers"] = rng.sample(range(VOCAB), 2)
+    return args
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_reference_under_batch_churn(seed: int) -> None:
+    random_session(make_processor(DRYLogitsProcessor, VOCAB), dry_reference, random_dry_args, seed, vocab=VOCAB)
+
+
+def test_hand_computed_penalty() -> None:
+    # "1 2 3 4 1 2 3": the suffix "1 2 3" occurred before, followed by 4: a repeat of length 3.
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 2.0, "gov_dry_allowed_length": 2}
+    sim.add(0, args, [1, 2, 3, 4], [1, 2, 3])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    expected = torch.zeros(1, VOCAB)
+    expected[0, 4] = -2.0  # 1 * 2 ** (3 - 2)
+    assert torch.equal(logits, expected)
+
+
+def test_breaker_stops_the_match() -> None:
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 2.0, "gov_dry_allowed_length": 2, "gov_dry_breakers": [2]}
+    sim.add(0, args, [1, 2, 3, 4], [1, 2, 3])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    # The match "3" cannot extend through the breaker 2, so its length 1 is below allowed_length.
+    assert torch.equal(logits, torch.zeros(1, VOCAB))
+
+
+def test_range_limits_the_lookback() -> None:
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_allowed_length": 2, "gov_dry_range": 3}
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    sim.add(0, args, [1, 2, 3, 4], [1, 2, 3])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    assert torch.equal(logits, torch.zeros(1, VOCAB))
+
+
+def test_huge_base_bans_instead_of_overflowing() -> None:
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 1e300, "gov_dry_allowed_length": 1}
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    sim.add(0, args, [5, 6, 7] * 4, [])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    assert logits[0, 5].item() == -math.inf
+    assert torch.isfinite(logits[0, torch.arange(VOCAB) != 5]).all()
+
+
+def test_long_repeat_is_capped() -> None:
+    # 200 identical tokens: the match length stops at 50, so the penalty is base ** (50 - allowed).
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 1.1, "gov_dry_allowed_length": 2}
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    sim.add(0, args, [3] * 200, [])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    assert logits[0, 3].item() == pytest.approx(-(1.1**48), rel=1e-5)
