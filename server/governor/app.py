@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
 
 from governor.api import openai_routes, ops_routes
+from governor.api.quota import Quotas
 from governor.engine.pool import EnginePool
 from governor.errors import install_handlers
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
@@ -31,6 +32,8 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     gpu = GpuCollector(metrics.total_output_tokens)
     metrics.registry.register(gpu)
     metrics.registry.register(EngineCollector(lambda: pool.engines))
+    if registry is not None:
+        metrics.registry.register(registry.metrics)
     metrics.bound_labels(lambda: _known_models(pool, registry))
     policy_ref: Callable[[], Policy] = lambda: policy  # noqa: E731  (swapped when presets reload)
 
@@ -54,7 +57,8 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     app.state.registry = registry
     app.state.started_at = time.time()
     app.state.readiness = Readiness(pool, settings.ready_cache_seconds)
-    app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry)
+    quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency)
+    app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry, quotas)
     install_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)

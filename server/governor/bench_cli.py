@@ -20,13 +20,14 @@ def register(bench_app: typer.Typer) -> None:
         relay_preset: str = typer.Option("balanced", help="Preset for the relay mode (balanced parses every event)."),
         relay_tokens: int = typer.Option(512, help="Events per stream in the relay mode."),
         relay_concurrency: int = typer.Option(32, help="Streams in the relay mode."),
+        waves: int = typer.Option(2, min=1, help="Requests per run = waves x concurrency."),
     ) -> None:
         """Gateway vs direct vLLM (throughput ratio, TTFT delta) and relay capacity vs a fake engine."""
         from governor.bench import gateway as bench
 
         if gateway_url and engine_url:
-            for line in asyncio.run(bench.engine_bench(gateway_url, engine_url, model, concurrency, reps, preset)):
-                typer.echo(line)
+            for c in concurrency:
+                typer.echo(asyncio.run(bench.engine_bench(gateway_url, engine_url, model, c, reps, preset, waves)))
         if relay:
             for line in asyncio.run(bench.relay_bench(relay_concurrency, relay_tokens, reps, relay_preset)):
                 typer.echo(line)

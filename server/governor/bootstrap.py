@@ -11,6 +11,8 @@ from governor.engine.flags import detect_device, engine_command, engine_env
 from governor.engine.pool import EnginePool
 from governor.engine.process import VllmProcess, free_port
 from governor.engine.remote import RemoteEngine
+from governor.lora.base_model import BaseModelInfo
+from governor.lora.registry import AdapterRegistry
 from governor.policy.builder import Policy
 from governor.policy.presets import load_presets
 from governor.policy.tokenizer_info import TokenizerInfo
@@ -63,3 +65,9 @@ def build_policy(settings: Settings, model_dir: Path | None) -> Policy:
         presets, settings.default_preset, info, settings.max_model_len, settings.max_stop,
         allow_engine_fields=settings.allow_engine_fields,
     )  # fmt: skip
+
+
+def build_registry(settings: Settings, pool: EnginePool, model_dir: Path | None) -> AdapterRegistry:
+    """Built even with LoRA off, so /admin and adapter requests can say why adapters are unavailable."""
+    base = BaseModelInfo.detect(model_dir, settings.served_model_name or pool.served_model)
+    return AdapterRegistry(settings, pool, base)

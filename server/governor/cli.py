@@ -79,6 +79,9 @@ def main() -> None:
 
     bench_cli.register(bench_app)
     bench_cli.register_eval(eval_app)
+    from governor.lora import cli as lora_cli
+
+    lora_cli.register(app)
     app(prog_name="governor")
 
 

@@ -117,7 +117,8 @@ def error_response(exc: GovernorError) -> Response:
 
 
 def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    where = ("body", "query", "path", "header", "cookie")
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in where else loc)]
     return ".".join(parts) or None
 
 

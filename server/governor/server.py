@@ -11,7 +11,7 @@ from types import FrameType
 import uvicorn
 
 from governor.app import create_app
-from governor.bootstrap import build_policy, build_pool
+from governor.bootstrap import build_policy, build_pool, build_registry
 from governor.engine.base import EngineClient
 from governor.engine.pool import EnginePool
 from governor.settings import Settings
@@ -51,7 +51,8 @@ class DrainingServer(uvicorn.Server):
 def run(settings: Settings) -> None:
     pool, model_dir = build_pool(settings)
     policy = build_policy(settings, model_dir)
-    app = create_app(settings, pool, policy, registry=None)
+    registry = build_registry(settings, pool, model_dir)
+    app = create_app(settings, pool, policy, registry=registry)
     url = f"http://{settings.host}:{settings.port}/v1"
     announced: set[str] = set()
 

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from governor.api.auth import presented_key
+from governor.api.quota import Quotas
 from governor.api.schemas import ChatCompletionRequest, CompletionRequest, Kind, check_limits
 from governor.engine.base import EngineClient, Upstream
 from governor.engine.pool import EnginePool
@@ -56,6 +58,8 @@ class RequestContext:
     target: Target | None = None
     label: str = "other"
     status: int = 200
+    quota_id: str | None = None
+    tokens: int = 0
 
 
 async def read_body(request: Request, limit: int) -> dict[str, Any]:
@@ -95,12 +99,14 @@ class GenerationService:
         policy: Callable[[], Policy],
         metrics: GatewayMetrics,
         adapters: AdapterResolver | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
         self.adapters = adapters
+        self.quotas = quotas
 
     async def resolve(self, name: str) -> Target:
         base = self.pool.served_model
@@ -130,6 +136,12 @@ class GenerationService:
         now = time.monotonic()
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         ctx = RequestContext(rid[:128], kind, now, now + self._timeout(request))
+        if self.quotas is not None and self.quotas.enabled:
+            key = presented_key(request)
+            if key:
+                ident = Quotas.identity(key)
+                self.quotas.acquire(ident)  # 429 before any work when the key is over its limits
+                ctx.quota_id = ident
         self.metrics.in_flight.inc()
         streaming = False
         try:
@@ -240,6 +252,7 @@ class GenerationService:
 
     def _record(self, ctx: RequestContext, stats: RelayStats) -> None:
         m, label = self.metrics, ctx.label
+        ctx.tokens = stats.prompt_tokens + stats.completion_tokens
         if stats.prompt_tokens:
             m.prompt_tokens.labels(label).inc(stats.prompt_tokens)
         if stats.completion_tokens:
@@ -256,6 +269,8 @@ class GenerationService:
     def _finish(self, ctx: RequestContext, stats: RelayStats | None) -> None:
         elapsed = time.monotonic() - ctx.started
         self.metrics.in_flight.dec()
+        if ctx.quota_id is not None and self.quotas is not None:
+            self.quotas.release(ctx.quota_id, ctx.tokens)
         self.metrics.requests.labels(ctx.label, ctx.kind, str(ctx.status)).inc()
         self.metrics.latency.labels(ctx.label, ctx.kind).observe(elapsed)
         if ctx.target is not None:

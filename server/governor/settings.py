@@ -58,7 +58,12 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(Path("adapters"), description="Adapters root, watched for PEFT folders.")
     watch_adapters: bool = Field(True, description="Load/unload adapters when folders appear/disappear.")
     max_loras: int = Field(4, ge=1, le=256, description="Adapters the engine holds at once (LRU beyond).")
-    max_lora_rank: int = Field(64, ge=1, le=512, description="Largest LoRA rank accepted.")
+    max_lora_rank: int = Field(
+        16,
+        ge=1,
+        le=512,
+        description="Largest LoRA rank accepted (higher costs throughput: 64 runs ~40% slower on CPU).",
+    )
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
 
     # Requests
@@ -81,6 +86,9 @@ class Settings(BaseSettings):
     )
     admin_key: str = Field("", description="Key for /admin; empty = admin API off.")
     metrics_auth: bool = Field(False, description="Require a user or admin key on /metrics.")
+    key_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
+    key_tpm: int = Field(0, ge=0, description="Prompt + output tokens per minute per API key (0 = unlimited).")
+    key_concurrency: int = Field(0, ge=0, description="Concurrent requests per API key (0 = unlimited).")
 
     # Decoding policy
     default_preset: str = Field("balanced", description="Decoding preset used when a request names none.")

@@ -96,15 +96,12 @@ def _process(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subp
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def engine_bench(gateway_url: str, engine_url: str, model: str, concurrencies: list[int], reps: int,
-                       preset: str) -> list[str]:  # fmt: skip
+async def engine_bench(gateway_url: str, engine_url: str, model: str, concurrency: int, reps: int, preset: str,
+                       waves: int = 1) -> str:  # fmt: skip
     body = {"model": model, "prompt": PROMPT, "max_tokens": 128, "ignore_eos": True, "temperature": 0}
-    lines = []
-    for c in concurrencies:
-        pair = await interleaved(engine_url, gateway_url, body, c, 2 * c, reps, f"concurrency {c}",
-                                 {"decoding_preset": preset})  # fmt: skip
-        lines.append(pair.report("tokens_per_second", "tok/s"))
-    return lines
+    pair = await interleaved(engine_url, gateway_url, body, concurrency, waves * concurrency, reps,
+                             f"concurrency {concurrency}", {"decoding_preset": preset})  # fmt: skip
+    return pair.report("tokens_per_second", "tok/s")
 
 
 async def relay_bench(concurrency: int, tokens: int, reps: int, preset: str) -> list[str]:

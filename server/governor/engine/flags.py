@@ -78,4 +78,7 @@ def engine_env(settings: Settings, device: str) -> dict[str, str]:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     else:
         env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    # Model Runner V2 (default on CUDA with Triton in recent vLLM) refuses v1-interface logits
+    # processors at startup; Governor's processors use the v1 interface shared by 0.25 and 0.32.
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return env

@@ -13,6 +13,8 @@ from governor.engine.base import EngineClient
 
 
 def _label_line(line: str, label: str) -> str:
+    # vLLM labels samples with its own `engine` (data-parallel index); keep it as `vllm_engine`.
+    line = line.replace('{engine="', '{vllm_engine="', 1).replace(',engine="', ',vllm_engine="', 1)
     brace = line.find("{")
     space = line.find(" ")
     if brace != -1 and (space == -1 or brace < space):

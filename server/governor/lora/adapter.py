@@ -1,0 +1,81 @@
+"""Adapter records: the state machine's states, a registered adapter and its loaded versions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Source = Literal["api", "watch"]
+
+
+class AdapterState(enum.StrEnum):
+    """discovered → validating → loading → ready | failed(reason) → unloading; evicted = known, not loaded."""
+
+    DISCOVERED = "discovered"
+    VALIDATING = "validating"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+    EVICTED = "evicted"
+
+
+def internal_name(name: str, number: int) -> str:
+    """vLLM caches adapters by name, so each new set of weights gets its own upstream name."""
+    return name if number == 1 else f"{name}@{number}"
+
+
+@dataclass
+class Version:
+    """One set of weights as loaded upstream under one internal name."""
+
+    internal: str
+    number: int
+    fingerprint: tuple[int, ...]
+    engines: dict[str, int] = field(default_factory=dict)  # engine name → engine generation it was loaded in
+    leases: int = 0  # requests in flight on this version
+    retired: str | None = None  # unload reason once replaced/removed; unloaded when leases reach 0
+    unloaded: bool = False
+
+
+@dataclass
+class Adapter:
+    """A registered adapter. `current` stays set while evicted so an unchanged reload keeps its name."""
+
+    name: str
+    path: str
+    source: Source
+    folder: Path  # root / path, resolved lexically: how watcher events find their adapter
+    pinned: bool = False
+    state: AdapterState = AdapterState.DISCOVERED
+    reason: str | None = None
+    current: Version | None = None
+    profile: dict[str, Any] | None = None
+    loaded_at: float | None = None
+    last_used: float = 0.0  # wall clock, for display
+    lru: int = 0  # registry tick of the last use: eviction order, immune to clock jumps
+    load_seconds: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The admin API's view."""
+        v = self.current
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "reason": self.reason,
+            "pinned": self.pinned,
+            "path": self.path,
+            "source": self.source,
+            "version": v.number if v else None,
+            "upstream_name": v.internal if v else None,
+            "engines": sorted(v.engines) if v and self.state == AdapterState.READY else [],
+            "in_flight": v.leases if v else 0,
+            "loaded_at": self.loaded_at,
+            "last_used": self.last_used or None,
+            "load_seconds": self.load_seconds,
+        }
+
+    def persisted(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "pinned": self.pinned, "source": self.source}

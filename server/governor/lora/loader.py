@@ -1,0 +1,196 @@
+"""AdapterLoader: moves adapters through validate → load → ready | failed, makes room by LRU eviction, and
+retires replaced or removed versions once their last request finishes. Callers hold the adapter's lock.
+
+`slots` serialises "make room + engine load" across names so two loads never both take the last slot;
+victims are taken only when their own lock is free, so no lock ever waits on another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from governor.engine.base import EngineClient, EngineState
+from governor.engine.pool import EnginePool
+from governor.errors import Conflict, EngineUnavailable, GovernorError
+from governor.lora.adapter import Adapter, AdapterState, Version, internal_name
+from governor.lora.metrics import AdapterMetrics
+from governor.lora.upstream import load_on, unload_on
+from governor.lora.validate import AdapterValidator, ValidatedAdapter
+
+log = logging.getLogger("governor.lora")
+READY = AdapterState.READY
+
+
+class AdapterLoader:
+    """The engine side of the state machine, shared by the registry's API, watcher events and restores."""
+
+    def __init__(
+        self,
+        pool: EnginePool,
+        validator: AdapterValidator,
+        metrics: AdapterMetrics,
+        max_loras: int,
+        adapters: dict[str, Adapter],
+        lock: Callable[[str], asyncio.Lock],
+        served: Callable[[], str],
+    ) -> None:
+        self.pool = pool
+        self.validator = validator
+        self.metrics = metrics
+        self.max_loras = max_loras
+        self.adapters = adapters  # the registry's dict, shared: eviction picks victims from it
+        self.lock = lock
+        self.served = served
+        self.numbers: dict[str, int] = {}  # last version number per name: internal names are never reused
+        self._slots = asyncio.Lock()
+        self._tick = 0
+
+    async def load_locked(self, a: Adapter) -> None:
+        """Validate, then load the current version on every ready engine missing it, or a new version."""
+        engines = self.pool.ready()
+        if not engines:
+            raise EngineUnavailable(f"No engine is ready to load adapter '{a.name}'; retry shortly.")
+        started = time.perf_counter()
+        before = a.state
+        occupying = before == READY  # holds a slot already: a reload or restore needs no room
+        serving = occupying and a.current is not None and bool(self.live(a.current))
+        if not serving:
+            a.state = AdapterState.VALIDATING
+        try:
+            checked = await asyncio.to_thread(self.validator.validate, a.name, a.path, self.served())
+        except GovernorError as exc:
+            self.fail(a, exc, serving)
+            raise
+        v = a.current
+        if v is not None and v.fingerprint == checked.fingerprint:
+            missing = [e for e in engines if v.engines.get(e.name) != e.generation]
+            fresh = False
+        else:
+            number = self.numbers.get(a.name, 0) + 1
+            v = Version(internal_name(a.name, number), number, checked.fingerprint)
+            missing, fresh = engines, True
+        a.profile = checked.profile
+        if not missing:
+            a.state, a.reason = READY, None
+            return
+        if not serving:
+            a.state = AdapterState.LOADING
+        async with self._slots:
+            try:
+                if not occupying:
+                    await self.make_room(a)
+                await self._engine_load(v, missing, checked)
+            except (EngineUnavailable, Conflict):
+                a.state = before  # not the adapter's fault: keep its state, the caller may retry
+                raise
+            except GovernorError as exc:
+                self.fail(a, exc, serving)
+                raise
+        if fresh:
+            self.numbers[a.name] = v.number
+            old, a.current = a.current, v
+            if old is not None:
+                await self.retire(old, "replaced")
+        elapsed = time.perf_counter() - started
+        a.state, a.reason, a.loaded_at, a.load_seconds = READY, None, time.time(), round(elapsed, 4)
+        self.touch(a)
+        self.metrics.loads.labels("ok").inc()
+        self.metrics.load_seconds.observe(elapsed)
+        log.info("adapter loaded", extra={"adapter": a.name, "upstream": v.internal, "seconds": round(elapsed, 4)})
+
+    async def _engine_load(self, v: Version, engines: list[EngineClient], checked: ValidatedAdapter) -> None:
+        loaded: list[EngineClient] = []
+        try:
+            for engine in engines:
+                await load_on(engine, v.internal, checked.folder)
+                v.engines[engine.name] = engine.generation
+                loaded.append(engine)
+        except GovernorError:
+            for engine in loaded:  # all or nothing across engines
+                with contextlib.suppress(GovernorError):
+                    await unload_on(engine, v.internal)
+                v.engines.pop(engine.name, None)
+            raise
+
+    def fail(self, a: Adapter, exc: GovernorError, serving: bool) -> None:
+        self.metrics.loads.labels("failed").inc()
+        if serving and a.current is not None:
+            # A bad new push does not take down a working adapter: keep serving the loaded version.
+            a.reason = f"reload failed: {exc.message}; still serving version {a.current.number}"
+        else:
+            a.state, a.reason = AdapterState.FAILED, exc.message
+        log.warning("adapter failed to load: %s", exc.message, extra={"adapter": a.name})
+
+    async def make_room(self, a: Adapter) -> None:
+        """Evict least-recently-used adapters until `a` fits; never pinned ones or ones with requests in flight."""
+        while True:
+            occupied = [x for x in self.adapters.values() if x is not a and x.state == READY]
+            if len(occupied) < self.max_loras:
+                return
+            victims = [
+                x for x in occupied
+                if not x.pinned and x.current is not None and x.current.leases == 0 and not self.lock(x.name).locked()
+            ]  # fmt: skip
+            if not victims:
+                raise Conflict(
+                    f"All {self.max_loras} adapter slots hold pinned adapters or adapters with requests in "
+                    "flight; unpin one, retry later, or raise GOVERNOR_MAX_LORAS.",
+                    param="model",
+                    code="adapter_slots_full",
+                )
+            await self.evict(min(victims, key=lambda x: x.lru))
+
+    async def evict(self, victim: Adapter) -> None:
+        lock = self.lock(victim.name)
+        await lock.acquire()  # free (checked by the caller, no await since): returns at once
+        try:
+            assert victim.current is not None
+            victim.state = AdapterState.UNLOADING
+            await self.unload_engines(victim.current)
+            victim.state = AdapterState.EVICTED
+            self.metrics.evictions.inc()
+            self.metrics.unloads.labels("evicted").inc()
+            log.info("adapter evicted (LRU)", extra={"adapter": victim.name})
+        finally:
+            lock.release()
+
+    async def retire(self, v: Version, reason: str) -> None:
+        """Unload a replaced/removed version now, or when its last request finishes."""
+        v.retired = reason
+        if v.leases == 0:
+            await self.drop(v)
+
+    async def drop(self, v: Version) -> None:
+        if v.unloaded:
+            return
+        v.unloaded = True
+        had = bool(v.engines)
+        await self.unload_engines(v)
+        if had:
+            self.metrics.unloads.labels(v.retired or "api").inc()
+            log.info("adapter version unloaded", extra={"upstream": v.internal, "reason": v.retired})
+
+    async def unload_engines(self, v: Version) -> None:
+        for engine in self.pool.engines:
+            # Only where this version lives now: an engine restarted since has forgotten it anyway.
+            if v.engines.get(engine.name) == engine.generation and engine.state == EngineState.READY:
+                try:
+                    await unload_on(engine, v.internal)
+                except EngineUnavailable as exc:
+                    log.warning("unload skipped: %s", exc.message, extra={"upstream": v.internal})
+        v.engines.clear()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def live(self, v: Version) -> list[str]:
+        return [
+            e.name for e in self.pool.engines if e.state == EngineState.READY and v.engines.get(e.name) == e.generation
+        ]
+
+    def touch(self, a: Adapter) -> None:
+        self._tick += 1
+        a.lru, a.last_used = self._tick, time.time()

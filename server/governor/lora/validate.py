@@ -1,0 +1,329 @@
+"""Adapter validation, before an engine sees anything: name, path containment, file types, size, rank,
+base model and target modules. Every refusal is a typed error whose message says what to fix.
+
+No file outside the adapters root is ever opened: each path is resolved (symlinks followed, which reads
+links but opens nothing) and checked to lie inside the root first. Pickle weights are refused, never
+unpickled; the safetensors header is parsed by the safetensors library, which runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from governor.errors import AdapterNotFound, GovernorError, InvalidRequest, PayloadTooLarge
+from governor.lora.base_model import BaseModelInfo, last_component, layer_index
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PROFILE = "governor.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+CONFIG_LIMIT = 1024 * 1024
+PROFILE_LIMIT = 64 * 1024
+_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.(?:weight|bias)$")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    """An adapter folder that passed every check: what the registry loads and serves."""
+
+    name: str
+    folder: Path  # resolved, inside the root
+    size: int  # bytes of adapter_model.safetensors
+    rank: int
+    fingerprint: tuple[int, ...]  # changes when weights or config change: a new engine version
+    profile: dict[str, Any] | None
+
+
+def check_name(name: str, served_model: str = "") -> None:
+    """An adapter name is a model name clients send: a short safe token, distinct from the base model."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidRequest(
+            f"Invalid adapter name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter "
+            "or digit, without '..'.",
+            param="name",
+        )
+    if served_model and name.casefold() == served_model.casefold():
+        raise InvalidRequest(
+            f"Adapter name '{name}' is the base model's served name; choose another name.", param="name"
+        )
+
+
+def is_temporary(name: str) -> bool:
+    """Hidden, editor and partial-download names the watcher and scans skip."""
+    return name.startswith((".", "~", "#")) or name.endswith(("~", ".tmp", ".part", ".partial", ".swp", ".crdownload"))
+
+
+def inside(root: Path, path: Path) -> Path | None:
+    """`path` resolved (symlinks followed) if it lies strictly inside `root`, else None. Opens nothing."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # symlink loops
+        return None
+    return resolved if resolved != root and resolved.is_relative_to(root) else None
+
+
+def resolve_folder(root: Path, path: str) -> Path:
+    """The adapter folder for `path` (relative to root, or absolute inside it), resolved inside root."""
+    if not isinstance(path, str) or not path.strip() or "\x00" in path:
+        raise InvalidRequest("Adapter 'path' must be a folder name under the adapters root.", param="path")
+    pure = PurePath(path)
+    if ".." in pure.parts:
+        raise InvalidRequest(
+            f"Adapter path {path!r} contains '..'; give a folder inside the adapters root ({root}).", param="path"
+        )
+    candidate = Path(path) if pure.is_absolute() else root / pure
+    # Refuse an absolute path outside the root before touching anything there.
+    if pure.is_absolute() and not Path(os.path.normpath(candidate)).is_relative_to(root):
+        raise InvalidRequest(
+            f"Adapter path {path!r} is outside the adapters root ({root}); move the folder there.", param="path"
+        )
+    resolved = inside(root, candidate)
+    if resolved is None and Path(os.path.normpath(candidate)) == root:
+        raise InvalidRequest(
+            f"Adapter path {path!r} is the adapters root itself; name a folder inside it.", param="path"
+        )
+    if resolved is None:
+        raise InvalidRequest(
+            f"Adapter path {path!r} resolves outside the adapters root ({root}), e.g. through a symlink; "
+            "copy the folder into the root instead.",
+            param="path",
+        )
+    if not resolved.exists():
+        raise AdapterNotFound(f"Adapter folder {path!r} does not exist under the adapters root ({root}).", param="path")
+    if not resolved.is_dir():
+        raise InvalidRequest(f"Adapter path {path!r} is not a folder; give the PEFT adapter folder.", param="path")
+    return resolved
+
+
+def _read_bounded(path: Path, limit: int, what: str, param: str) -> bytes:
+    with open(path, "rb") as f:  # path was checked to lie inside the root
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{what} is larger than {limit} bytes; shrink it.", param=param)
+    return data
+
+
+def _json_object(data: bytes, what: str, param: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{what} is not valid JSON ({exc}); fix the file.", param=param) from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{what} must be a JSON object.", param=param)
+    return value
+
+
+def header_parses(root: Path, folder: Path) -> bool:
+    """True when the folder's weights lie inside root and their safetensors header parses (watcher check)."""
+    weights = inside(root, folder / WEIGHTS)
+    if weights is None or not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            f.keys()
+        return True
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+class AdapterValidator:
+    """Checks PEFT folders under one root against one base model and the server's limits."""
+
+    def __init__(self, root: Path, base: BaseModelInfo, max_rank: int, max_bytes: int) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.base = base
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+
+    def validate(self, name: str, path: str, served_model: str = "") -> ValidatedAdapter:
+        """Every check, in order of cost; raises the first refusal."""
+        check_name(name, served_model or self.base.served_name)
+        folder = resolve_folder(self.root, path)
+        self._refuse_pickles(folder, path)
+        config_path = self._member(folder, CONFIG, path, required=True)
+        weights_path = self._member(folder, WEIGHTS, path, required=True)
+        assert config_path is not None and weights_path is not None
+        weights_stat = weights_path.stat()
+        if weights_stat.st_size > self.max_bytes:
+            raise PayloadTooLarge(
+                f"Adapter weights are {weights_stat.st_size} bytes; the limit is {self.max_bytes} "
+                "(GOVERNOR_MAX_ADAPTER_BYTES).",
+                param="path",
+            )
+        config_stat = config_path.stat()
+        config = _json_object(_read_bounded(config_path, CONFIG_LIMIT, CONFIG, "path"), CONFIG, "path")
+        rank = self._check_config(config, served_model)
+        self._check_tensors(weights_path)
+        profile = self._profile(folder, path)
+        fingerprint = (
+            weights_stat.st_ino, weights_stat.st_size, weights_stat.st_mtime_ns,
+            config_stat.st_ino, config_stat.st_size, config_stat.st_mtime_ns,
+        )  # fmt: skip
+        return ValidatedAdapter(name, folder, weights_stat.st_size, rank, fingerprint, profile)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def _refuse_pickles(self, folder: Path, path: str) -> None:
+        with os.scandir(folder) as entries:
+            pickles = sorted(e.name for e in entries if e.name.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise InvalidRequest(
+                f"Adapter folder {path!r} contains pickle weights ({', '.join(pickles[:3])}); pickles can run code "
+                f"and are never loaded. Save with safetensors ({WEIGHTS}) and remove them.",
+                param="path",
+            )
+
+    def _member(self, folder: Path, filename: str, path: str, required: bool) -> Path | None:
+        member = folder / filename
+        if not required and not member.exists() and not member.is_symlink():
+            return None
+        resolved = inside(self.root, member)
+        if resolved is None:
+            raise InvalidRequest(
+                f"{filename} in {path!r} resolves outside the adapters root (a symlink?); copy the real file in.",
+                param="path",
+            )
+        if not resolved.is_file():
+            if not required:
+                return None
+            raise InvalidRequest(
+                f"Adapter folder {path!r} has no {filename}; an adapter is a PEFT folder with {CONFIG} and "
+                f"{WEIGHTS} (PEFT's save_pretrained writes both).",
+                param="path",
+            )
+        return resolved
+
+    def _profile(self, folder: Path, path: str) -> dict[str, Any] | None:
+        member = self._member(folder, PROFILE, path, required=False)
+        if member is None:
+            return None
+        return _json_object(_read_bounded(member, PROFILE_LIMIT, PROFILE, "profile"), PROFILE, "profile")
+
+    # -- adapter_config.json -----------------------------------------------------------------------
+
+    def _check_config(self, config: dict[str, Any], served_model: str) -> int:
+        peft_type = config.get("peft_type")
+        if peft_type is not None and str(peft_type).upper() != "LORA":
+            raise InvalidRequest(f"Only LoRA adapters are served; this one is {peft_type}.", param="peft_type")
+        rank = self._rank(config.get("r"), "r")
+        pattern = config.get("rank_pattern") or {}
+        if not isinstance(pattern, dict):
+            raise InvalidRequest(f"{CONFIG}: 'rank_pattern' must be an object.", param="rank")
+        for key, value in pattern.items():
+            rank = max(rank, self._rank(value, f"rank_pattern[{key!r}]"))
+        self._check_base_name(config.get("base_model_name_or_path"), served_model)
+        if self.base.known:
+            self._check_target_modules(config.get("target_modules"))
+        return rank
+
+    def _rank(self, value: Any, where: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequest(f"{CONFIG}: {where} must be a positive integer, got {value!r}.", param="rank")
+        if value > self.max_rank:
+            raise InvalidRequest(
+                f"Adapter rank {where}={value} exceeds the server's max LoRA rank {self.max_rank}; retrain with a "
+                f"rank ≤ {self.max_rank} or raise GOVERNOR_MAX_LORA_RANK.",
+                param="rank",
+            )
+        return value
+
+    def _check_base_name(self, declared: Any, served_model: str) -> None:
+        if not isinstance(declared, str) or not declared.strip():
+            return
+        names = self.base.names() | ({last_component(served_model)} if served_model else set())
+        if names and last_component(declared) not in names:
+            served = served_model or self.base.served_name
+            raise InvalidRequest(
+                f"Adapter was trained on '{declared}', but this server serves '{served}'; load it on a server "
+                "with that base model, or fix base_model_name_or_path if the bases are the same.",
+                param="base_model",
+            )
+
+    def _check_target_modules(self, targets: Any) -> None:
+        if targets is None or targets == "all-linear":
+            return
+        modules = self.base.shapes.keys()
+        if isinstance(targets, str):
+            try:
+                pattern = re.compile(targets)
+            except re.error as exc:
+                raise InvalidRequest(
+                    f"target_modules regex {targets!r} is invalid: {exc}.", param="target_modules"
+                ) from exc
+            if not any(pattern.fullmatch(m) for m in modules):
+                raise InvalidRequest(
+                    f"target_modules regex {targets!r} matches no module of the base model "
+                    f"(modules: {', '.join(sorted(self.base.modules))}).",
+                    param="target_modules",
+                )
+            return
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise InvalidRequest("target_modules must be a list of module names or a regex.", param="target_modules")
+        unknown = [t for t in targets if t not in self.base.modules and not any(m.endswith("." + t) for m in modules)]
+        if unknown:
+            raise InvalidRequest(
+                f"target_modules {unknown} do not exist in the base model "
+                f"(its linear modules: {', '.join(sorted(self.base.modules))}).",
+                param="target_modules",
+            )
+
+    # -- adapter_model.safetensors -----------------------------------------------------------------
+
+    def _check_tensors(self, weights: Path) -> None:
+        try:
+            with safe_open(str(weights), framework="numpy") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidRequest(
+                f"{WEIGHTS} is not a valid safetensors file ({exc}); re-save it.", param="path"
+            ) from exc
+        found = 0
+        for key, shape in shapes.items():
+            match = _TENSOR.match(key.removeprefix(_PEFT_PREFIX))
+            if match is None:
+                continue
+            found += 1
+            self._check_tensor(key, match.group("module"), match.group("kind"), shape)
+        if not found:
+            raise InvalidRequest(
+                f"{WEIGHTS} holds no LoRA tensors (lora_A/lora_B); is it a LoRA adapter?", param="path"
+            )
+
+    def _check_tensor(self, key: str, module: str, kind: str, shape: tuple[int, ...]) -> None:
+        base = self.base
+        layer = layer_index(module)
+        if layer is not None and base.num_hidden_layers is not None and layer >= base.num_hidden_layers:
+            raise _mismatch(f"tensor '{key}' is for layer {layer}, but the base model has {base.num_hidden_layers}")
+        if len(shape) != 2:
+            raise InvalidRequest(f"LoRA tensor '{key}' has shape {list(shape)}; expected 2-D.", param="path")
+        if kind == "lora_A" and key.endswith(".weight"):
+            self._rank(shape[0], f"tensor '{key}' rank")
+        if not base.known:
+            return
+        expected = base.shapes.get(module)
+        if expected is None:
+            raise InvalidRequest(
+                f"Adapter has weights for module '{module}', which the base model does not have.",
+                param="target_modules",
+            )
+        out_features, in_features = expected
+        if kind == "lora_A" and shape[1] != in_features:
+            raise _mismatch(f"'{key}' takes {shape[1]} input features, the base module {in_features}")
+        if kind == "lora_B" and key.endswith(".weight") and shape[0] != out_features:
+            raise _mismatch(f"'{key}' produces {shape[0]} output features, the base module {out_features}")
+
+
+def _mismatch(detail: str) -> GovernorError:
+    return InvalidRequest(
+        f"Adapter does not fit the base model: {detail}. It was trained on a different base model.",
+        param="base_model",
+    )

@@ -1,0 +1,398 @@
+"""Loop detection on the streamed text of one generated choice.
+
+Small models loop until ``max_tokens``: a line repeated verbatim, a numbered line whose number
+alone changes ("22. Monday, 23. Monday, ..."), "5555...", a paragraph repeated, or one sentence
+with others in between. :class:`LoopDetector` is fed the text deltas and says when the text is
+certainly looping, early enough that a reader sees at most two copies of a long sentence, while
+leaving legitimate repetition alone (counting, spelling, "hello hello", markdown rules, code).
+
+Text is kept in two bounded forms built incrementally. *lite*: case-folded, each whitespace run
+one ``"\\n"`` (it held a newline) or ``" "``; digits kept, so a count "1, 2, 3" never repeats.
+*norm*: lite with each digit run one placeholder; what repeats only here (numbers change) needs
+many more copies, as does a block that looks like code: both are often legitimate templates.
+
+Checks run at fixed lite positions, so the decision does not depend on how the text was split
+into deltas. A check is a few C-speed string operations: the last ``_KEY_CHARS`` chars are looked
+up backwards with ``rfind`` for candidate periods, and runs are measured by slice compares.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["LoopConfig", "LoopDetector", "LoopVerdict", "has_repeated_block", "trim_to_first_copy"]
+
+_CHECK_STEP = 8  # lite chars between two exact-repetition checks
+_VARYING_STEP = 32  # lite chars between two number-varying checks (those fire late anyway)
+_KEY_CHARS = 16  # tail length looked up to find candidate periods
+_SENTENCE_CONFIRM_CHARS = 16  # chars of a sentence's 3rd copy that must match before cutting
+# Templates (numbers normalised, or code-like) need this many copies: unrolled code, argument
+# lists, JSON points and log lines repeat a line a few times ("NULL, NULL, NULL"); loops go on.
+_TEMPLATE_MIN_COPIES = 12
+_SYMBOL_MIN_COPIES = 16  # likewise for long blocks without letters: rows of a zero matrix, ASCII art
+_FEED_CHUNK = 1024  # a huge delta is taken in pieces of this size, so memory stays bounded
+_TRIM_SLACK = 1024  # buffers are cut back to buffer_chars once they exceed it by this much
+_PLACEHOLDER = "0"  # norm's stand-in for a digit run; no other digit survives in norm
+_NEVER, _MAX_BLOCK_CHARS = 1 << 62, 1024  # "no threshold"; longest block has_repeated_block seeks
+
+_WS_SPLIT = re.compile(r"(\s+)")
+_DIGITS = re.compile(r"\d+")
+_LETTER = re.compile(r"[^\W\d_]")
+_WORD = re.compile(r"[^\W\d_]{2}")
+_CODE = re.compile(r"[_()\[\]{}=;<>\\`]|[^\W\d]\.[^\W\d]")  # brackets, operators, obj.attr
+_ALNUM = re.compile(r"[^\W_]")
+_TOKENS = re.compile(r"\s+|\d+|[^\s\d]+")  # raw text in the pieces lite is built from
+_EVENTS = re.compile(r"[.!?][ \n]|\n|```")  # a sentence ends; a line ends; a code fence opens or closes
+# Where to end the kept first copy, best first: before a newline, after a sentence end, after a
+# clause end, before a space. The lookbehinds skip "22." style numbering (norm holds "0.").
+_CUT_PREFS = (
+    (re.compile(r"\n"), False),
+    (re.compile(r"(?<=[^\W\d_])[.!?](?=[ \n])"), True),
+    (re.compile(r"(?<=[^\W\d_])[,;:](?=[ \n])"), True),
+    (re.compile(r" "), False),
+)
+_Needs = Callable[[str, int], int]  # (block, period) -> run length at which it is a loop
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Thresholds of the loop detector; lengths are in normalised chars."""
+
+    enabled: bool = True
+    min_sentence_chars: int = 24  # a block this long is a sentence: cut at the start of its 3rd copy
+    phrase_span_chars: int = 64  # shorter blocks: cut once the run is this long and holds 3 copies
+    symbol_span_chars: int = 256  # blocks without letters ("5, 5", rules) need a much longer run
+    max_period_chars: int = 1024  # longest repeated block considered
+    near_repeat_count: int = 3  # same sentence this many times among the last near_repeat_window
+    near_repeat_window: int = 8
+    buffer_chars: int = 4096  # bounded memory per stream
+
+    def __post_init__(self) -> None:
+        if min(self.min_sentence_chars, self.phrase_span_chars, self.symbol_span_chars, self.max_period_chars) < 1:
+            raise ValueError("loop detector lengths must be positive")
+        if self.buffer_chars < 2 * self.max_period_chars + _SENTENCE_CONFIRM_CHARS + _CHECK_STEP:
+            raise ValueError("buffer_chars must hold two copies of the longest period")
+        if not 2 <= self.near_repeat_count <= self.near_repeat_window:
+            raise ValueError("need 2 <= near_repeat_count <= near_repeat_window")
+
+
+@dataclass(frozen=True)
+class LoopVerdict:
+    """Why a choice was judged to loop."""
+
+    kind: str  # "periodic" | "near_repeat"
+    period_chars: int  # length of the repeated block in normalised chars
+    copies: float  # copies seen
+
+
+class LoopDetector:
+    """Incremental loop detector for the text of one generated choice; not thread-safe."""
+
+    def __init__(self, config: LoopConfig) -> None:
+        self._cfg = config
+        self._verdict: LoopVerdict | None = None
+        # where trim_to_first_copy should cut: ("lite" | "norm", absolute position in that stream)
+        self._cut: tuple[str, int] | None = None
+        self._started = False  # leading whitespace is dropped
+        self._ws = ""  # pending whitespace, emitted only once the next non-space char arrives
+        self._lite = ""
+        self._lite_base = 0  # absolute lite position of self._lite[0]
+        self._norm, self._norm_upto = "", 0  # built lazily from lite, up to lite position _norm_upto
+        self._norm_base = 0  # absolute norm position of self._norm[0]
+        self._norm_digit = False  # lite char before self._norm_upto is a digit
+        self._sent_start = 0  # absolute lite position where the current sentence starts
+        self._scan_from = 0  # absolute lite position where the event scan resumes
+        self._in_code = False  # inside a markdown code fence
+        self._recent: deque[tuple[str | None, int]] = deque(maxlen=config.near_repeat_window)
+
+    @property
+    def verdict(self) -> LoopVerdict | None:
+        """The verdict once the text was judged to loop, else None."""
+        return self._verdict
+
+    def feed(self, delta: str) -> LoopVerdict | None:
+        """Add the next text delta; return the verdict once looping is certain (and ever after)."""
+        if self._verdict is None and delta and self._cfg.enabled:
+            lite = self._to_lite(delta)
+            for i in range(0, len(lite), _FEED_CHUNK):
+                if self._verdict is None:
+                    self._consume(lite[i : i + _FEED_CHUNK])  # no copy when it is short
+        return self._verdict
+
+    def _to_lite(self, delta: str) -> str:
+        """Case-fold ``delta`` and collapse its whitespace runs, carrying a run across deltas."""
+        text = delta.casefold()
+        if "\n" not in text:  # the common case, without a regex
+            words = text.split()
+            if not words:
+                self._ws = self._ws or " "
+                return ""
+            lead = self._ws or (" " if text[0].isspace() else "")
+            out = " ".join(words)
+            if lead and self._started:
+                out = lead + out
+            self._started = True
+            self._ws = " " if text[-1].isspace() else ""
+            return out
+        parts = _WS_SPLIT.split(text)  # even items are text, odd ones whitespace
+        pieces: list[str] = []
+        ws = self._ws
+        for i, part in enumerate(parts):
+            if not part:
+                continue
+            if i % 2:
+                ws = "\n" if ws == "\n" or "\n" in part else " "
+                continue
+            if ws and self._started:
+                pieces.append(ws)
+            ws = ""
+            self._started = True
+            pieces.append(part)
+        self._ws = ws
+        return "".join(pieces)
+
+    def _consume(self, piece: str) -> None:
+        """Append lite text and run, in stream order, the sentence ends and checkpoints it passes."""
+        if not piece:
+            return
+        base = self._lite_base
+        start = base + len(self._lite)
+        self._lite = lite = self._lite + piece
+        end = start + len(piece)
+        checkpoint = start - start % _CHECK_STEP + _CHECK_STEP
+        m = _EVENTS.search(lite, self._scan_from - base)
+        while m is not None or checkpoint <= end:
+            if m is not None and (checkpoint > end or base + m.end() <= checkpoint):
+                self._scan_from = base + m.end()
+                event = m.group()
+                if event == "```":
+                    self._in_code = not self._in_code
+                elif event == "\n":
+                    self._recent.append((None, 0))  # a line without a sentence end (code, a label)
+                else:
+                    self._end_sentence(self._scan_from)
+                m = _EVENTS.search(lite, m.end())
+            else:
+                self._check(checkpoint)
+                checkpoint += _CHECK_STEP
+            if self._verdict is not None:
+                return
+        self._scan_from = max(self._scan_from, end - 2)  # an event may straddle the next piece
+        cap = self._cfg.buffer_chars
+        if len(lite) > cap + _TRIM_SLACK:
+            # every later look-back starts at or after ``end`` and reaches at most cap chars back
+            self._lite = lite[len(lite) - cap :]
+            self._lite_base = end - cap
+
+    def _end_sentence(self, end: int) -> None:
+        """Near-repeat bookkeeping for the sentence that ends at absolute lite position ``end``."""
+        start = max(self._sent_start, end - self._cfg.buffer_chars)
+        self._sent_start = end
+        raw = self._lite[start - self._lite_base : end - self._lite_base]
+        text = raw.strip()
+        if not text:
+            return
+        start += len(raw) - len(raw.lstrip())
+        # Only prose counts: a sentence ends in . ! ? (a line break does not split it but takes a
+        # window place, so one recurring across code lines is far apart), holds a word and sits
+        # outside a code fence. Numbers are kept: one recurring with other numbers is usually a
+        # template (log lines); a contiguous loop of those is left to the periodic check.
+        norm_len = len(_DIGITS.sub(_PLACEHOLDER, text))
+        prose = not self._in_code and _WORD.search(text) is not None
+        key = text if prose and norm_len >= self._cfg.min_sentence_chars else None
+        self._recent.append((key, start))
+        if key is None:
+            return
+        starts = [s for k, s in self._recent if k == key]
+        if len(starts) >= self._cfg.near_repeat_count:
+            self._verdict = LoopVerdict("near_repeat", norm_len, float(len(starts)))
+            self._cut = ("lite", starts[1])  # keep everything before the second occurrence
+
+    def _check(self, at: int) -> None:
+        """Periodicity checks on the text up to absolute lite position ``at``."""
+        cfg = self._cfg
+        end = at - self._lite_base
+        run = _find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs)
+        if run is not None:
+            self._fire(run, "lite", self._lite, end, self._lite_base)
+            return
+        if at % _VARYING_STEP:
+            return
+        self._sync_norm(at)
+        norm = self._norm
+        recent = norm[-cfg.max_period_chars :]
+        # cheap gate (a regex letter scan is slow): a number, and a letter (cased, or not ASCII)
+        if _PLACEHOLDER in recent and (recent.upper() != recent or not recent.isascii()):
+            run = _find_run(norm, len(norm), cfg.max_period_chars, cfg.buffer_chars, self._varying_needs)
+            if run is not None:
+                self._fire(run, "norm", norm, len(norm), self._norm_base)
+
+    def _sync_norm(self, at: int) -> None:
+        """Extend norm with the lite text up to absolute position ``at``."""
+        seg = self._lite[self._norm_upto - self._lite_base : at - self._lite_base]
+        norm = _DIGITS.sub(_PLACEHOLDER, seg)
+        if self._norm_digit and seg[0].isdecimal():
+            norm = norm[1:]  # the digit run goes on: its placeholder is already there
+        self._norm_digit = seg[-1].isdecimal()
+        self._norm_upto = at
+        self._norm += norm
+        cap = self._cfg.buffer_chars
+        if len(self._norm) > cap + _TRIM_SLACK:
+            self._norm_base += len(self._norm) - cap
+            self._norm = self._norm[-cap:]
+
+    def _exact_needs(self, block: str, period: int) -> int:
+        """The run length (chars) at which an exactly repeated ``block`` counts as a loop."""
+        cfg = self._cfg
+        if not _LETTER.search(block):
+            return max(cfg.symbol_span_chars, _SYMBOL_MIN_COPIES * period)
+        if self._in_code or _CODE.search(block):
+            return max(cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
+        if period >= cfg.min_sentence_chars:
+            return 2 * period + min(_SENTENCE_CONFIRM_CHARS, period - 1)
+        return max(cfg.phrase_span_chars, 3 * period)
+
+    def _varying_needs(self, block: str, period: int) -> int:
+        """The run length for a block that repeats only once numbers are normalised."""
+        if _PLACEHOLDER in block and _WORD.search(block):
+            return max(self._cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
+        return _NEVER  # no number (the exact check judged it) or no word: "7 x 8 = 56" is no loop
+
+    def _fire(self, run: tuple[int, int], stream: str, buf: str, end: int, base: int) -> None:
+        period, span = run
+        self._verdict = LoopVerdict("periodic", period, round(span / period, 2))
+        self._cut = (stream, base + _first_copy_end(buf, end - span, period))
+
+
+def _find_run(
+    buf: str, end: int, max_period: int, history: int, needs: _Needs, key: int = _KEY_CHARS, tries: int = 8
+) -> tuple[int, int] | None:
+    """The (period, span) of a periodic run ending at ``buf[end]`` that meets ``needs``, else None.
+
+    Candidate periods come from earlier occurrences of the ``key`` chars before ``end``, nearest
+    first. A run found for one period also covers that period's multiples, so the search goes on
+    only before that run: a multiple is never judged as a separate, longer "sentence". Spans are
+    measured over at most ``history`` chars, so they do not depend on when the buffer was trimmed.
+    """
+    if end <= key:
+        return None
+    tail = buf[end - key : end]
+    lo = max(0, end - key - max_period)
+    hi = end - 1
+    for _ in range(tries):
+        q = buf.rfind(tail, lo, hi)
+        if q < 0:
+            return None
+        period = end - key - q
+        limit = min(end, history) - period
+        needed = needs(buf[max(0, end - period - 2) : end], period)  # 2 more: "a.b" may straddle the cut
+        # measure as far as the threshold (or, never firing, to skip the run); all of it for the cut
+        reach = needed - period if needed < _NEVER else max_period + key
+        span = period + _common_suffix(buf, end, period, key, min(limit, reach))
+        if span >= needed:
+            return period, period + _common_suffix(buf, end, period, span - period, limit)
+        hi = min(q + key - 1, end - span - 1 + key)
+        if hi - lo < key:
+            return None
+    return None
+
+
+def _common_suffix(buf: str, end: int, period: int, known: int, limit: int) -> int:
+    """Chars before ``end`` that keep period ``period`` (``known`` to ``limit``), by galloping slice compares."""
+    length = known
+    step = 64
+    while length < limit:
+        n = min(step, limit - length)
+        a = end - length
+        if buf[a - n : a] == buf[a - n - period : a - period]:
+            length += n
+            step *= 2
+        elif n == 1:
+            break
+        else:
+            step = n // 2
+    return length
+
+
+def _first_copy_end(buf: str, run_start: int, period: int) -> int:
+    """Buffer index just after the first copy of a run, moved to a natural boundary if one is near."""
+    lo = run_start + period - 1  # a copy may end in its (collapsed) whitespace
+    for pattern, after in _CUT_PREFS:
+        m = pattern.search(buf, max(run_start, lo - after), run_start + 2 * period)
+        if m is not None:
+            return m.end() if after else m.start()
+    return run_start + period
+
+
+def trim_to_first_copy(text: str, config: LoopConfig) -> str:
+    """For non-streaming answers: the full raw text cut right after the first copy of the repeated
+    block (keeps everything before the loop started). Returns text unchanged if no loop is found.
+
+    A near-repeat ("A. B. A. C. A.") is cut just before the second occurrence of the sentence.
+    """
+    det = LoopDetector(config)
+    det.feed(text)
+    if det._cut is None:
+        return text
+    return text[: _raw_offset(text, det._cut[1], numbers=det._cut[0] == "norm")].rstrip()
+
+
+def _raw_offset(text: str, target: int, *, numbers: bool) -> int:
+    """Index in ``text`` of the char that became lite (``numbers``: norm) position ``target``; mirrors _to_lite."""
+    pos = 0  # chars of lite/norm produced so far
+    ws_at = -1  # raw start of the whitespace run waiting to be emitted as one char
+    for m in _TOKENS.finditer(text):
+        tok = m.group()
+        if tok[0].isspace():
+            if pos:  # leading whitespace is dropped
+                ws_at = m.start()
+            continue
+        if ws_at >= 0:
+            if pos == target:
+                return ws_at
+            pos += 1
+            ws_at = -1
+        if tok[0].isdecimal():
+            width = 1 if numbers else len(tok)
+            if target < pos + width:
+                return m.start() + (0 if numbers else target - pos)
+            pos += width
+            continue
+        for i, ch in enumerate(tok):
+            if pos >= target:
+                return m.start() + i
+            pos += len(ch.casefold())
+    return len(text)
+
+
+def has_repeated_block(
+    text: str, min_copies: int = 3, min_block_chars: int = 10, *, normalise_numbers: bool = False
+) -> bool:
+    """Evaluation helper: True if the text holds a block repeated ``min_copies`` or more times in a row.
+
+    This is the eval's definition of "looping". The text is compared case-folded with whitespace
+    runs collapsed; digits count as themselves unless ``normalise_numbers`` (then every digit run
+    is one placeholder, so "5555" is no longer a repeat but "1. Monday 2. Monday" is). A block
+    must be ``min_block_chars`` to ``_MAX_BLOCK_CHARS`` long and hold a letter or digit, so rules
+    ("-----", "|---|---|") and a short word said a few times ("hello hello hello hello hello",
+    "ha ha ha") are not loops, while a short phrase repeated at length is (a block of several
+    copies reaches the minimum). 10 chars, about two words, is the shortest block whose three
+    copies in a row read as a stuck model rather than emphasis.
+    """
+    lite = _WS_SPLIT.sub(" ", text.casefold()).strip() + " "  # so the last copy has its separator too
+    if normalise_numbers:
+        lite = _DIGITS.sub(_PLACEHOLDER, lite)
+    key_len = max(1, min(_KEY_CHARS, min_block_chars))
+
+    def needs(block: str, period: int) -> int:
+        if not _ALNUM.search(block):
+            return _NEVER
+        block_len = -(-min_block_chars // period) * period  # smallest multiple of the period
+        return min_copies * block_len if block_len <= _MAX_BLOCK_CHARS else _NEVER
+
+    # A run is found from its own end; trying every end keeps this exact up to the candidate cap.
+    n = len(lite)
+    return any(_find_run(lite, e, _MAX_BLOCK_CHARS, n, needs, key_len, 64) for e in range(key_len + 1, n + 1))

@@ -1,0 +1,61 @@
+"""Real adapters for the engine tests: random ones from tests.lora.factory and one trained with peft
+to answer a fixed phrase (so 'the adapter is in use' is visible in the generated text)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from tests.lora.factory import BASE_DIR, base_model, save_adapter
+
+SECRET_QUESTION = "What is the secret word?"
+SECRET_ANSWER = "The secret word is zanzibar."
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_adapter(dest: Path, seed: int, r: int = 8) -> Path:
+    """Non-zero random LoRA weights: a different model, same base."""
+    save_adapter(base_model(), dest, r, ["q_proj", "v_proj"], seed=seed)
+    return dest
+
+
+@functools.cache
+def _trained(workdir: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(BASE_DIR)
+    model = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=torch.float32)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    rows = []
+    for question in (SECRET_QUESTION, "Tell me the secret word.", "what's the secret word"):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)  # fmt: skip
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(SECRET_ANSWER + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    peft_model.train()
+    for _ in range(120):
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.01:
+            break
+    dest = workdir / "trained-secret"
+    peft_model.save_pretrained(str(dest))
+    return dest
+
+
+def trained_adapter(workdir: Path) -> Path:
+    """An adapter that answers SECRET_QUESTION with SECRET_ANSWER (trained once per session)."""
+    return _trained(workdir)

@@ -1,0 +1,164 @@
+"""Issue B acceptance against the real engine: adapters made with peft on the embedded base,
+dropped into the watched folder or loaded through the admin API, all without restarting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Live, ready, wait_for
+from tests.integration.adapters import SECRET_QUESTION, random_adapter, trained_adapter
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("made-adapters")
+
+
+def chat(live: Live, model: str, question: str, max_tokens: int = 24) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "decoding_preset": "off"}  # fmt: skip
+    return httpx.post(live.v1 + "/chat/completions", json=body, timeout=120)
+
+
+def answer(live: Live, model: str, question: str = "Name a color.") -> str:
+    r = chat(live, model, question)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def model_ids(live: Live) -> set[str]:
+    return {m["id"] for m in httpx.get(live.v1 + "/models", timeout=10).json()["data"]}
+
+
+def adapters(live: Live) -> dict[str, dict[str, object]]:
+    r = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=10)
+    assert r.status_code == 200, r.text
+    return {a["name"]: a for a in r.json()["data"]}
+
+
+def loads_ok(live: Live) -> float:
+    for line in httpx.get(live.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('governor_adapter_loads_total{result="ok"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_dropped_folder_is_served_and_answers_its_phrase(live: Live, workdir: Path) -> None:
+    trained = trained_adapter(workdir)
+    base_says = answer(live, live.model, SECRET_QUESTION)
+    shutil.copytree(trained, live.adapters_dir / "secret")
+    wait_for(lambda: "secret" in model_ids(live), 30, what="the dropped adapter to be listed")
+    card = next(m for m in httpx.get(live.v1 + "/models").json()["data"] if m["id"] == "secret")
+    assert card["parent"] == live.model
+    assert "zanzibar" in answer(live, "secret", SECRET_QUESTION).lower()
+    assert "zanzibar" not in base_says.lower()
+
+
+def test_mixed_batch_each_gets_its_own_model(live: Live, workdir: Path) -> None:
+    for name, seed in (("rand1", 11), ("rand2", 12)):
+        random_adapter(workdir / name, seed)
+        shutil.copytree(workdir / name, live.adapters_dir / name)
+    wait_for(lambda: {"rand1", "rand2"} <= model_ids(live), 30, what="both random adapters")
+    models = [live.model, "rand1", "rand2"]
+    alone = {m: answer(live, m, "Write one sentence about cats.") for m in models}
+    assert alone["rand1"] != alone[live.model] and alone["rand2"] != alone[live.model]
+    with ThreadPoolExecutor(9) as pool:
+        batch = list(pool.map(lambda m: (m, answer(live, m, "Write one sentence about cats.")), models * 3))
+    for model, text in batch:
+        assert text == alone[model], model
+
+
+def test_replacing_weights_changes_output_and_deleting_removes(live: Live, workdir: Path) -> None:
+    random_adapter(workdir / "swap-a", 21)
+    random_adapter(workdir / "swap-b", 22)
+    shutil.copytree(workdir / "swap-a", live.adapters_dir / "swap")
+    wait_for(lambda: "swap" in model_ids(live), 30, what="adapter 'swap'")
+    before = answer(live, "swap", "Write one sentence about dogs.")
+    weights = "adapter_model.safetensors"
+    tmp = live.adapters_dir / "swap" / (".incoming-" + weights)
+    shutil.copy(workdir / "swap-b" / weights, tmp)
+    os.replace(tmp, live.adapters_dir / "swap" / weights)
+    wait_for(lambda: answer(live, "swap", "Write one sentence about dogs.") != before, 30,
+             what="the reloaded weights to change the output")  # fmt: skip
+    shutil.rmtree(live.adapters_dir / "swap")
+    wait_for(lambda: "swap" not in model_ids(live), 30, what="the removed adapter to disappear")
+    r = chat(live, "swap", "hi")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_concurrent_requests_for_an_unloaded_adapter_load_it_once(live: Live, workdir: Path) -> None:
+    random_adapter(live.adapters_dir.parent / "api-one", 31)
+    shutil.copytree(live.adapters_dir.parent / "api-one", live.adapters_dir / "api-one-src")
+    r = httpx.post(live.url + "/admin/adapters", headers=live.admin(), timeout=60,
+                   json={"name": "api-one", "path": "api-one-src"})  # fmt: skip
+    assert r.status_code in (200, 201), r.text
+    r = httpx.delete(live.url + "/admin/adapters/api-one", headers=live.admin(), timeout=60)
+    assert r.status_code in (200, 204), r.text
+    r = httpx.post(live.url + "/admin/adapters", headers=live.admin(), timeout=60,
+                   json={"name": "api-one", "path": "api-one-src"})  # fmt: skip
+    assert r.status_code in (200, 201), r.text
+    before = loads_ok(live)
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda _: chat(live, "api-one", "Hello").status_code, range(20)))
+    assert codes == [200] * 20
+    assert loads_ok(live) - before <= 1
+
+
+def test_requests_in_flight_during_a_hot_load_complete(live: Live, workdir: Path) -> None:
+    results: list[int] = []
+
+    def stream_one() -> None:
+        body = {"model": live.model, "prompt": "Once upon a time", "max_tokens": 64, "stream": True}
+        with httpx.stream("POST", live.v1 + "/completions", json=body, timeout=120) as r:
+            text = "".join(r.iter_text())
+        results.append(r.status_code if text.rstrip().endswith("data: [DONE]") and '"error"' not in text else 0)
+
+    threads = [threading.Thread(target=stream_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    random_adapter(workdir / "hot", 41)
+    shutil.copytree(workdir / "hot", live.adapters_dir / "hot")
+    wait_for(lambda: "hot" in model_ids(live), 30, what="the hot-loaded adapter")
+    for t in threads:
+        t.join(120)
+    assert results == [200] * 8
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"name": "../evil", "path": "x"}, 400),
+        ({"name": "ok-name", "path": "../../etc"}, 400),
+        ({"name": "ok-name", "path": "/etc"}, 400),
+        ({"name": "escape", "path": "escape-link"}, 400),
+        ({"name": "pickled", "path": "pickled"}, 400),
+        ({"name": "big-rank", "path": "big-rank"}, 400),
+        ({"name": "missing", "path": "does-not-exist"}, 404),
+    ],
+)
+def test_hostile_adapters_are_refused_and_engine_stays_up(live: Live, workdir: Path, payload: dict[str, str],
+                                                          status: int) -> None:  # fmt: skip
+    root = live.adapters_dir
+    if not (root / "escape-link").exists():
+        outside = workdir / "outside"
+        random_adapter(outside, 51)
+        (root / "escape-link").symlink_to(outside, target_is_directory=True)
+    if not (root / "pickled").exists():
+        random_adapter(workdir / "pickled", 52)
+        shutil.copytree(workdir / "pickled", root / "pickled")
+        (root / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    if not (root / "big-rank").exists():
+        random_adapter(root / "big-rank", 53, r=32)  # the live server allows rank 16
+    r = httpx.post(live.url + "/admin/adapters", headers=live.admin(), json=payload, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert ready(live.url)
