@@ -96,8 +96,10 @@ def main() -> None:
             shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     q = statistics.quantiles(seconds, n=20)
-    print(f"hot-load of {len(seconds)} rank-{args.rank} adapters (all linear modules): "
-          f"p50 {statistics.median(seconds) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms")
+    print(
+        f"hot-load of {len(seconds)} rank-{args.rank} adapters (all linear modules): "
+        f"p50 {statistics.median(seconds) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms"
+    )
     print(f"background streams during the loads: {len(results)} finished, {results.count(False)} failed")
 
 
