@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import typer
 
@@ -31,6 +32,40 @@ def register(bench_app: typer.Typer) -> None:
         if relay:
             for line in asyncio.run(bench.relay_bench(relay_concurrency, relay_tokens, reps, relay_preset)):
                 typer.echo(line)
+
+    @bench_app.command("load")
+    def load(
+        host: str = typer.Option("http://127.0.0.1:8000", help="Server root; loopback unless --allow-remote."),
+        users: int = typer.Option(4, "--users", "-u", min=1, max=10000, help="Concurrent users (closed loop)."),
+        spawn_rate: float = typer.Option(0.0, "--spawn-rate", "-r", min=0, help="Users/s (0: all at once)."),
+        run_time: str = typer.Option("60s", "--run-time", "-t", help="How long: 30s, 5m, 1h30m (at most 24h)."),
+        iterations: int = typer.Option(0, min=0, help="Stop after this many requests in all (0: run time only)."),
+        mix: list[str] = typer.Option(["base"], envvar="GOVERNOR_LT_MIX", help="base, adapters, loops, long."),
+        model: str = typer.Option("", envvar="GOVERNOR_LT_MODEL", help="Model (default: first in /v1/models)."),
+        max_tokens: int = typer.Option(64, envvar="GOVERNOR_LT_MAX_TOKENS", min=1, help="max_tokens per request."),
+        preset: str = typer.Option("balanced", envvar="GOVERNOR_LT_PRESET", help="Preset of the loops mix."),
+        adapters: str = typer.Option("", envvar="GOVERNOR_LT_ADAPTERS", help='Adapter weights, "a:3,b:1".'),
+        governor: bool = typer.Option(True, envvar="GOVERNOR_LT_GOVERNOR", help="--no-governor: plain vLLM."),
+        api_key: str = typer.Option("", envvar="GOVERNOR_LT_API_KEY", help="Bearer key, if the server wants one."),
+        results: Path | None = typer.Option(None, help="Report folder (default: results/load-<timestamp>/)."),
+        locustfile: Path | None = typer.Option(None, help="Default: loadtests/locustfile.py here or in the checkout."),
+        allow_remote: bool = typer.Option(False, help="Allow a host that is not loopback."),
+        stop_timeout: int = typer.Option(5, min=0, max=600, help="Seconds in-flight requests get at the end."),
+        max_error_rate: float = typer.Option(0.0, min=0, max=1, help="Fail above this fraction of failed requests."),
+        max_ttft_p95_ms: float | None = typer.Option(None, help="Fail when a request class has a higher TTFT p95."),
+    ) -> None:
+        """Locust load (TTFT, TPOT, output tokens/s) with CSV + HTML reports; exits 1 when a threshold breaks."""
+        from governor.bench import locust_run
+
+        opts = locust_run.LoadOptions(
+            host=host, users=users, spawn_rate=spawn_rate or None, run_time=run_time, iterations=iterations,
+            mixes=mix, model=model, max_tokens=max_tokens, preset=preset, adapters=adapters, governor=governor,
+            api_key=api_key, stop_timeout=stop_timeout, results=results, locustfile=locustfile,
+            allow_remote=allow_remote, max_error_rate=max_error_rate, max_ttft_p95_ms=max_ttft_p95_ms,
+        )  # fmt: skip
+        code = locust_run.run_load(opts, typer.echo)
+        if code:
+            raise typer.Exit(code)
 
 
 def register_eval(eval_app: typer.Typer) -> None:

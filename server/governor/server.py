@@ -20,7 +20,7 @@ log = logging.getLogger("governor")
 
 
 class DrainingServer(uvicorn.Server):
-    """First SIGTERM/SIGINT: /ready turns 503 and new requests get 503 while the listener stays open
+    """First SIGTERM: /ready turns 503 and new requests get 503 while the listener stays open
     for `drain_seconds`; running requests finish; then uvicorn shuts down. A second signal forces it."""
 
     def __init__(self, config: uvicorn.Config, pool: EnginePool, drain_seconds: float, max_wait: float) -> None:
@@ -31,7 +31,8 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.pool.draining or self.drain_seconds <= 0:
+        # SIGINT is an operator at a terminal: stop now. SIGTERM is an orchestrator: drain first.
+        if self.pool.draining or self.drain_seconds <= 0 or sig == signal.SIGINT:
             super().handle_exit(sig, frame)
             return
         log.info("%s received: draining (%.0f s, then waiting for running requests)", signal.Signals(sig).name,
