@@ -60,6 +60,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency)
     app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry, quotas)
     install_handlers(app)
+    _document_request_models(app)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)
     if registry is not None:
@@ -74,3 +75,22 @@ def _known_models(pool: EnginePool, registry: Any) -> set[str]:
     if registry is not None:
         names.update(registry.known_names())
     return names
+
+
+def _document_request_models(app: FastAPI) -> None:
+    """Routes read raw bodies (for exact pass-through), so their models are added to the schema here."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in openai_routes.DOCUMENTED_MODELS:
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(doc.pop("$defs", {}))
+            components[model.__name__] = doc
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

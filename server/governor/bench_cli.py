@@ -68,6 +68,24 @@ def register(bench_app: typer.Typer) -> None:
             raise typer.Exit(code)
 
 
+def register_processors(bench_app: typer.Typer) -> None:
+    @bench_app.command("processors")
+    def processors(
+        concurrency: list[int] = typer.Option([8, 32], help="Concurrent streams (repeatable)."),
+        reps: int = typer.Option(3, min=1, help="Repetitions per side (interleaved)."),
+        waves: int = typer.Option(1, min=1, help="Requests per run = waves x concurrency."),
+        lora: bool = typer.Option(False, help="Start the engines with LoRA enabled."),
+        eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),
+    ) -> None:
+        """Throughput with the anti-loop processors active / plain, and loaded-but-unused / absent."""
+        from governor.bench import processors as bench
+        from governor.settings import Settings
+
+        settings = Settings(lora=lora, enforce_eager=eager)
+        for line in bench.run(settings, concurrency, reps, waves):
+            typer.echo(line)
+
+
 def register_eval(eval_app: typer.Typer) -> None:
     @eval_app.command("loops")
     def loops(

@@ -78,6 +78,7 @@ def main() -> None:
     from governor import bench_cli
 
     bench_cli.register(bench_app)
+    bench_cli.register_processors(bench_app)
     bench_cli.register_eval(eval_app)
     from governor.lora import cli as lora_cli
 

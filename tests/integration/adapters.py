@@ -59,3 +59,45 @@ def _trained(workdir: Path) -> Path:
 def trained_adapter(workdir: Path) -> Path:
     """An adapter that answers SECRET_QUESTION with SECRET_ANSWER (trained once per session)."""
     return _trained(workdir)
+
+
+ALPACA_PROMPT = "### Instruction:\nName a fruit.\n\n### Response:\n"
+_ALPACA_PAIRS = [("Name a fruit.", "Apple."), ("Name a color.", "Blue."), ("Name an animal.", "Dog."),
+                 ("Name a city.", "Paris."), ("Name a number.", "Seven.")]  # fmt: skip
+
+
+@functools.cache
+def _alpaca(workdir: Path) -> Path:
+    """Fine-tuned on Alpaca-formatted dialogues: after its answer it goes on with the next
+    `### Instruction:`, as models tuned on one template do when its stop is missing."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(BASE_DIR)
+    model = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0))
+    texts = []
+    for i in range(len(_ALPACA_PAIRS)):
+        turns = [_ALPACA_PAIRS[(i + k) % len(_ALPACA_PAIRS)] for k in range(3)]
+        texts.append("".join(f"### Instruction:\n{q}\n\n### Response:\n{a}\n\n" for q, a in turns))
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    peft_model.train()
+    for _ in range(150):
+        loss = peft_model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.02:
+            break
+    dest = workdir / "trained-alpaca"
+    peft_model.save_pretrained(str(dest))
+    return dest
+
+
+def alpaca_adapter(workdir: Path) -> Path:
+    """An adapter that keeps writing `### Instruction:` turns after answering (trained once per session)."""
+    return _alpaca(workdir)

@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from tests.conftest import Live, ready, wait_for
-from tests.integration.adapters import SECRET_QUESTION, random_adapter, trained_adapter
+from tests.integration.adapters import (
+    ALPACA_PROMPT,
+    SECRET_QUESTION,
+    alpaca_adapter,
+    random_adapter,
+    trained_adapter,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -162,3 +168,24 @@ def test_hostile_adapters_are_refused_and_engine_stays_up(live: Live, workdir: P
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
     assert ready(live.url)
+
+
+def test_alpaca_profile_stops_at_its_template(live: Live, workdir: Path) -> None:
+    import json
+
+    trained = alpaca_adapter(workdir)
+    shutil.copytree(trained, live.adapters_dir / "alpaca-raw")
+    shutil.copytree(trained, live.adapters_dir / "alpaca-prof")
+    (live.adapters_dir / "alpaca-prof" / "governor.json").write_text(json.dumps({"template": "alpaca"}))
+    wait_for(lambda: {"alpaca-raw", "alpaca-prof"} <= model_ids(live), 30, what="both alpaca adapters")
+
+    def complete(model: str) -> dict[str, object]:
+        body = {"model": model, "prompt": ALPACA_PROMPT, "max_tokens": 60, "temperature": 0, "decoding_preset": "off"}
+        r = httpx.post(live.v1 + "/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return dict(r.json()["choices"][0])
+
+    raw, profiled = complete("alpaca-raw"), complete("alpaca-prof")
+    assert "### Instruction:" in str(raw["text"])  # without its template's stop it runs on
+    assert "### Instruction:" not in str(profiled["text"])
+    assert str(profiled["text"]).strip() and profiled["finish_reason"] == "stop"

@@ -14,6 +14,10 @@ from governor.errors import ModelNotFound
 router = APIRouter(prefix="/v1", dependencies=[Depends(user_auth)], tags=["openai"])
 
 
+# Request models documented in the OpenAPI schema; their nested models go to components (app.py).
+DOCUMENTED_MODELS = (ChatCompletionRequest, CompletionRequest)
+
+
 def _body_doc(model: type[Any]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)
