@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,27 +71,27 @@ def ready(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    root = tmp_path_factory.mktemp("live")
+@contextmanager
+def start_governor(root: Path, **env: str) -> Iterator[Live]:
+    """`governor serve` on the embedded model with a real vLLM engine, until /ready; stopped after."""
     adapters = root / "adapters"
-    adapters.mkdir()
+    adapters.mkdir(exist_ok=True)
     port = free_port()
     log_path = root / "governor.log"
-    env = {
+    full = {
         **os.environ,
         "GOVERNOR_PORT": str(port),
         "GOVERNOR_ENFORCE_EAGER": "true",  # ~50 s start instead of ~2.5 min compile; tests need no peak speed
         "GOVERNOR_ADAPTERS_DIR": str(adapters),
         "GOVERNOR_STATE_DIR": str(root / "state"),
+        "GOVERNOR_CACHE_DIR": os.environ.get("GOVERNOR_CACHE_DIR", str(Path.home() / ".cache" / "governor")),
         "GOVERNOR_ADMIN_KEY": ADMIN_KEY,
-        "GOVERNOR_MAX_LORA_RANK": "16",
         "GOVERNOR_LOG_LEVEL": "info",
+        **env,
     }
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "governor", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "governor", "serve"], env=full, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
     server = Live(f"http://127.0.0.1:{port}", proc, adapters, log_path)
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -106,3 +107,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    with start_governor(tmp_path_factory.mktemp("live"), GOVERNOR_MAX_LORA_RANK="16") as server:
+        yield server

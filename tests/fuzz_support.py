@@ -18,21 +18,23 @@ import httpx
 from governor.engine.process import free_port
 
 ADMIN = "fuzz-admin"
+PROCESSES: dict[str, subprocess.Popen[bytes]] = {}  # url -> the governor process, for signal tests
 
 
 @contextmanager
-def fake_backed_governor(**env: str) -> Iterator[str]:
+def fake_backed_governor(delay: float = 0.0, **env: str) -> Iterator[str]:
     """`governor serve` (a real process) in front of the zero-latency fake engine; yields its URL."""
     fake_port, port = free_port(), free_port()
     scratch = Path(tempfile.mkdtemp(prefix="governor-fuzz-"))
     (scratch / "adapters").mkdir()
-    fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(fake_port)])
+    fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(fake_port), str(delay)])
     full = {**os.environ, "GOVERNOR_ENGINE_URL": f"http://127.0.0.1:{fake_port}", "GOVERNOR_PORT": str(port),
             "GOVERNOR_WATCH_ADAPTERS": "false", "GOVERNOR_ADMIN_KEY": ADMIN, "GOVERNOR_DRAIN_SECONDS": "0",
             "GOVERNOR_LOG_LEVEL": "error", "GOVERNOR_ADAPTERS_DIR": str(scratch / "adapters"),
             "GOVERNOR_STATE_DIR": str(scratch / "state"), **env}  # fmt: skip
     gw = subprocess.Popen([sys.executable, "-m", "governor", "serve"], env=full)
     url = f"http://127.0.0.1:{port}"
+    PROCESSES[url] = gw
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -47,8 +49,10 @@ def fake_backed_governor(**env: str) -> Iterator[str]:
         yield url
     finally:
         for proc in (gw, fake):
-            proc.terminate()
-            proc.wait(30)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+        PROCESSES.pop(url, None)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -86,6 +86,25 @@ def register_processors(bench_app: typer.Typer) -> None:
             typer.echo(line)
 
 
+def register_soak(bench_app: typer.Typer) -> None:
+    @bench_app.command("soak")
+    def soak(
+        url: str = typer.Option("http://127.0.0.1:8000", help="Governor to soak (loopback)."),
+        model: str = typer.Option("SmolLM2-135M-Instruct", help="Model name."),
+        clients: int = typer.Option(200, min=1, help="Concurrent streaming clients."),
+        seconds: float = typer.Option(300, min=1, help="How long (bounded)."),
+        max_tokens: int = typer.Option(16, min=1, help="Output tokens per request."),
+    ) -> None:
+        """Concurrent streams for a bounded time: every stream must end cleanly; RSS growth reported."""
+        from governor.bench.soak import soak as run
+
+        result = asyncio.run(run(url, model, clients, seconds, max_tokens))
+        typer.echo(result.summary())
+        bad = result.outcomes["truncated"] + result.outcomes["server_error"]
+        if bad or any(code >= 500 for code in result.statuses):
+            raise typer.Exit(1)
+
+
 def register_eval(eval_app: typer.Typer) -> None:
     @eval_app.command("loops")
     def loops(

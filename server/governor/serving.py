@@ -19,7 +19,14 @@ from governor.api.quota import Quotas
 from governor.api.schemas import ChatCompletionRequest, CompletionRequest, Kind, check_limits
 from governor.engine.base import EngineClient, Upstream
 from governor.engine.pool import EnginePool
-from governor.errors import GovernorError, InvalidRequest, ModelNotFound, PayloadTooLarge, from_status
+from governor.errors import (
+    EngineUnavailable,
+    GovernorError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    from_status,
+)
 from governor.metrics.gateway import GatewayMetrics
 from governor.policy.builder import Policy
 from governor.settings import Settings
@@ -176,11 +183,9 @@ class GenerationService:
             if decision.loop is not None:
                 opts["continuous_usage_stats"] = True  # exact usage even when Governor cuts the stream
             body["stream"], body["stream_options"] = True, opts
-        engine = self.pool.pick(target.engines)
-        engine.outstanding += 1
+        engine, upstream = await self._open_any(target, ctx, body)
         released = False
         try:
-            upstream = await self._open(engine, ctx, body)
             relay = Relay(upstream, kind=ctx.kind, n=n, loop=decision.loop, client_usage=req.wants_usage,
                           client_continuous=req.wants_continuous_usage)  # fmt: skip
             headers = {"X-Request-Id": ctx.request_id}
@@ -196,6 +201,26 @@ class GenerationService:
         finally:
             if not released:
                 engine.outstanding -= 1
+
+    async def _open_any(
+        self, target: Target, ctx: RequestContext, body: dict[str, Any]
+    ) -> tuple[EngineClient, Upstream]:
+        """Open on the best engine; if it cannot be reached (nothing sent yet), fail over to the next.
+        Returns with the engine's outstanding count held."""
+        tried: list[str] = []
+        while True:
+            engine = self.pool.pick(target.engines, exclude=tried)
+            engine.outstanding += 1
+            try:
+                return engine, await self._open(engine, ctx, body)
+            except EngineUnavailable:
+                engine.outstanding -= 1
+                tried.append(engine.name)
+                if not [e for e in self.pool.ready() if e.name not in tried]:
+                    raise
+            except BaseException:
+                engine.outstanding -= 1
+                raise
 
     async def _open(self, engine: EngineClient, ctx: RequestContext, body: dict[str, Any]) -> Upstream:
         remaining = max(0.001, ctx.deadline - time.monotonic())

@@ -132,8 +132,8 @@ async def serve(engine: FakeEngine, port: int, host: str = "127.0.0.1") -> web.A
     return runner
 
 
-def main(port: int) -> None:
-    """Run a fake engine until interrupted (used by the relay benchmark as a subprocess)."""
+def main(port: int, delay: float = 0.0) -> None:
+    """Run a fake engine until interrupted (benchmarks and tests start it as a subprocess)."""
     try:
         import uvloop
 
@@ -142,9 +142,8 @@ def main(port: int) -> None:
         pass
 
     async def forever() -> None:
-        await serve(FakeEngine(), port)
-        while True:
-            await asyncio.sleep(3600)
+        await serve(FakeEngine(delay=delay), port)
+        await asyncio.Event().wait()
 
     try:
         asyncio.run(forever())
@@ -155,4 +154,4 @@ def main(port: int) -> None:
 if __name__ == "__main__":
     import sys
 
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)

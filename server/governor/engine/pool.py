@@ -30,11 +30,12 @@ class EnginePool:
     def any_ready(self) -> bool:
         return any(e.state == EngineState.READY for e in self.engines)
 
-    def pick(self, prefer: Iterable[str] = ()) -> EngineClient:
+    def pick(self, prefer: Iterable[str] = (), exclude: Iterable[str] = ()) -> EngineClient:
         """Least outstanding among ready engines, preferring those named in `prefer` (adapter affinity)."""
         if self.draining:
             raise EngineUnavailable("Server is draining for shutdown; retry on another replica.", code="draining")
-        ready = self.ready()
+        skip = set(exclude)
+        ready = [e for e in self.ready() if e.name not in skip]
         if not ready:
             raise EngineUnavailable("No engine is ready yet; retry shortly.")
         preferred = set(prefer)

@@ -22,6 +22,11 @@ def _label_line(line: str, label: str) -> str:
     return line[:space] + "{" + label + "}" + line[space:]
 
 
+def _is_created(line: str) -> bool:
+    """A `<name>_created` sample: the creation timestamp prometheus_client adds to counters and histograms."""
+    return line.split("{", 1)[0].split(" ", 1)[0].endswith("_created")
+
+
 def _families(text: str, engine: str) -> dict[str, list[str]]:
     """Lines grouped by family (a `# HELP` starts one), samples relabelled."""
     label = f'engine="{engine}"'
@@ -40,6 +45,8 @@ def _families(text: str, engine: str) -> dict[str, list[str]]:
             continue
         if line.startswith("#") or current is None:
             continue
+        if "_created" in line and _is_created(line):
+            continue  # vLLM keeps them; the gateway disables its own (app.py): no dashboard reads them
         current.append(_label_line(line, label))
     return families
 

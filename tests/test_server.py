@@ -1,0 +1,54 @@
+"""Graceful drain of a real `governor serve` process: SIGTERM while streams run → /ready 503 at once,
+the listener stays open for GOVERNOR_DRAIN_SECONDS answering new requests with 503, every running
+stream completes, then the process exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+
+from tests.conftest import wait_for
+from tests.fuzz_support import PROCESSES, fake_backed_governor
+
+STREAMS = 5
+
+
+def test_sigterm_drains(monkeypatch: object) -> None:
+    # ~0.02 s per event x 200 events: each stream runs ~4 s, longer than the drain delay.
+    with fake_backed_governor(delay=0.02, GOVERNOR_DRAIN_SECONDS="2") as url:
+        proc = PROCESSES[url]
+        results: list[str] = []
+        started = threading.Barrier(STREAMS + 1)
+
+        def stream() -> None:
+            body = {"model": "fake-model", "prompt": "x", "max_tokens": 200, "stream": True, "decoding_preset": "off"}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                chunks = r.iter_text()
+                text = next(chunks)
+                started.wait(30)
+                text += "".join(chunks)
+            results.append(text)
+
+        threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
+        for t in threads:
+            t.start()
+        started.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        wait_for(lambda: httpx.get(url + "/ready", timeout=5).status_code == 503, 1, interval=0.05,
+                 what="/ready to answer 503 right after SIGTERM")  # fmt: skip
+        r = httpx.post(
+            url + "/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 2}, timeout=10
+        )
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        assert proc.poll() is None  # still listening during the drain delay
+        for t in threads:
+            t.join(60)
+        assert len(results) == STREAMS
+        for text in results:
+            assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+        assert proc.wait(60) == 0
+        assert time.monotonic() - sent >= 2.0
