@@ -157,6 +157,8 @@ class GenerationService:
             return response
         except GovernorError as exc:
             ctx.status = exc.status
+            if exc.status >= 500:
+                log.warning("request failed: %s", exc.message, extra={"request_id": ctx.request_id})
             raise
         finally:
             if not streaming:

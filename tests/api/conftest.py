@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
+from aiohttp import web
 
 from governor.app import create_app
 from governor.bench.fake_engine import FakeEngine, serve
@@ -25,8 +26,14 @@ USER, ADMIN = "user-key", "admin-key"
 
 
 class Gateway:
-    def __init__(self, client: httpx.AsyncClient, fake: FakeEngine, pool: EnginePool, settings: Settings) -> None:
+    def __init__(self, client: httpx.AsyncClient, fake: FakeEngine, pool: EnginePool, settings: Settings,
+                 runner: web.AppRunner) -> None:  # fmt: skip
         self.client, self.fake, self.pool, self.settings = client, fake, pool, settings
+        self.runner = runner
+
+    async def stop_engine(self) -> None:
+        """Stop the fake engine's listener (the engine dies; the gateway keeps running)."""
+        await self.runner.cleanup()
 
 
 GatewayFactory = Callable[..., Any]
@@ -34,11 +41,16 @@ GatewayFactory = Callable[..., Any]
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """gateway(script=None, delay=0, **settings) → a started Gateway; everything is torn down after."""
+    """gateway(script=None, delay=0, fake=None, **settings) → a started Gateway; everything is torn down after.
+
+    `fake` replaces the default FakeEngine(script, delay), e.g. with a subclass serving other /metrics.
+    """
     cleanups: list[Any] = []
 
-    async def build(script: list[str] | None = None, delay: float = 0.0, **overrides: Any) -> Gateway:
-        fake = FakeEngine(script=script, delay=delay)
+    async def build(
+        script: list[str] | None = None, delay: float = 0.0, fake: FakeEngine | None = None, **overrides: Any
+    ) -> Gateway:
+        fake = fake or FakeEngine(script=script, delay=delay)
         port = free_port()
         runner = await serve(fake, port)
         cleanups.append(runner.cleanup)
@@ -60,7 +72,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         assert await pool.engines[0].wait_ready(10)  # type: ignore[attr-defined]
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
         cleanups.append(client.aclose)
-        return Gateway(client, fake, pool, settings)
+        return Gateway(client, fake, pool, settings, runner)
 
     try:
         yield build

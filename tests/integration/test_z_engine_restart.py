@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import Live, ready, wait_for
+from tests.integration.adapters import random_adapter
 
 pytestmark = pytest.mark.engine
 STREAMS = 20
@@ -37,7 +40,18 @@ def _stream(live: Live, results: list[list[str]], started: threading.Barrier) ->
     results.append(events)
 
 
-def test_engine_kill_ends_streams_and_recovers(live: Live) -> None:
+def _adapter_ok(live: Live, name: str) -> bool:
+    body = {"model": name, "prompt": "Hi", "max_tokens": 3}
+    return httpx.post(live.v1 + "/completions", json=body, timeout=60).status_code == 200
+
+
+def test_engine_kill_ends_streams_and_recovers(live: Live, tmp_path: Path) -> None:
+    random_adapter(tmp_path / "survivor", seed=61)
+    shutil.copytree(tmp_path / "survivor", live.adapters_dir / "survivor")
+    wait_for(lambda: _adapter_ok(live, "survivor"), 30, what="adapter 'survivor' to serve")
+    r = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=10)
+    ready_before = {a["name"] for a in r.json()["data"] if a["state"] == "ready"}
+    assert "survivor" in ready_before
     pids = live.engine_pids()
     assert len(pids) == 1, pids
     results: list[list[str]] = []
@@ -66,3 +80,11 @@ def test_engine_kill_ends_streams_and_recovers(live: Live) -> None:
     assert reply.status_code == 200
     metrics = httpx.get(live.url + "/metrics", timeout=10).text
     assert 'governor_engine_restarts_total{engine="engine-0"} 1.0' in metrics
+
+    # every adapter that was ready before the kill is ready again, without any request asking for it
+    def restored() -> bool:
+        listing = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=10).json()["data"]
+        return ready_before <= {a["name"] for a in listing if a["state"] == "ready"}
+
+    wait_for(restored, 60, what="the adapters to be restored after the restart")
+    assert _adapter_ok(live, "survivor")

@@ -1,12 +1,22 @@
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from governor.errors import InvalidRequest
 from governor.policy.builder import ENGINE_HOOKS, GOVERNOR_FIELDS, Policy
-from governor.policy.presets import CONTROL_FIELDS, Preset, PresetError, builtin_presets, parse_presets
+from governor.policy.presets import (
+    BUILTIN_PRESETS,
+    CONTROL_FIELDS,
+    LOOP_FIELDS,
+    Preset,
+    PresetError,
+    builtin_presets,
+    parse_presets,
+)
 from governor.policy.tokenizer_info import TokenizerInfo
 from governor.processors import extra_args as xa
 from governor.stream.loop_detector import LoopConfig
@@ -17,6 +27,38 @@ ALPACA_STOPS = ["\n### Instruction:", "\n### Input:", "\n### Response:"]
 DRY = set(xa.DRY_KEYS)
 NGRAM = set(xa.NGRAM_KEYS)
 REP = set(xa.REP_KEYS)
+# Expected values come from the built-in table, so retuning a preset does not break these tests.
+BALANCED = BUILTIN_PRESETS["balanced"]
+STRICT = BUILTIN_PRESETS["strict"]
+MAX_MODEL_LEN = 4096  # what the `policy` fixtures serve
+# A near-repeat count above the default preset's window is inconsistent with it.
+BALANCED_NEAR_WINDOW: int = BALANCED.get("loop_near_repeat_window", LoopConfig().near_repeat_window)
+
+
+def _loop_of(fields: Mapping[str, Any]) -> LoopConfig | None:
+    """The loop detector settings a preset's fields stand for (None = off)."""
+    if not fields.get("loop_detection"):
+        return None
+    return LoopConfig(**{attr: fields[key] for key, attr in LOOP_FIELDS.items() if key in fields})
+
+
+def _xarg_keys(fields: Mapping[str, Any]) -> set[str]:
+    """The processor args a preset's enabled controls send, for a tokenizer that knows its tokens."""
+    keys: set[str] = set()
+    if fields.get("dry_multiplier", 0) > 0:
+        keys |= DRY if fields.get("dry_breakers") else DRY - {xa.DRY_BREAKERS}
+    if fields.get("ngram_size", 0) > 0:
+        keys |= NGRAM
+    if fields.get("rep_penalty", 1.0) > 1.0:
+        exempt = fields.get("rep_exempt") or fields.get("rep_exempt_digits_punct")
+        keys |= REP if exempt else REP - {xa.REP_EXEMPT}
+    return keys
+
+
+def _window(fields: Mapping[str, Any], key: str) -> int:
+    """A preset's window as sent: one beyond the context means everything (0)."""
+    value = fields.get(key, 0)
+    return 0 if value > MAX_MODEL_LEN else value
 
 
 def _chatml_info(vocab: int = 1000) -> TokenizerInfo:
@@ -29,7 +71,7 @@ def _policy(info: TokenizerInfo | None = None, **kwargs: Any) -> Policy:
         builtin_presets(),
         kwargs.pop("default", "balanced"),
         info or _chatml_info(),
-        kwargs.pop("max_model_len", 4096),
+        kwargs.pop("max_model_len", MAX_MODEL_LEN),
         kwargs.pop("max_stop", 16),
         **kwargs,
     )
@@ -41,10 +83,11 @@ def _policy(info: TokenizerInfo | None = None, **kwargs: Any) -> Policy:
 def test_balanced_default(policy: Policy, smol: TokenizerInfo) -> None:
     result = policy.build(dict(CHAT), kind="chat")
     assert result.preset == "balanced"
-    assert result.loop == LoopConfig()
+    assert result.loop is not None and result.loop == _loop_of(BALANCED)
     xargs = result.body["vllm_xargs"]
-    assert set(xargs) == DRY
-    assert xargs[xa.DRY_MULTIPLIER] == 0.8 and xargs[xa.DRY_ALLOWED_LENGTH] == 3
+    assert set(xargs) == _xarg_keys(BALANCED)
+    assert xargs[xa.DRY_MULTIPLIER] == BALANCED["dry_multiplier"]
+    assert xargs[xa.DRY_ALLOWED_LENGTH] == BALANCED["dry_allowed_length"]
     assert smol.special_id("<|im_end|>") not in xargs[xa.DRY_BREAKERS]
     assert "stop" not in result.body and "stop_token_ids" not in result.body  # chat: vLLM stops at EOS
     assert "repetition_penalty" not in result.body
@@ -60,14 +103,21 @@ def test_off_sends_nothing(policy: Policy) -> None:
 def test_strict(policy: Policy, smol: TokenizerInfo) -> None:
     result = policy.build({**CHAT, "decoding_preset": "strict"}, kind="chat")
     xargs = result.body["vllm_xargs"]
-    assert set(xargs) == DRY | NGRAM | REP
-    assert xargs[xa.NGRAM_SIZE] == 4 and xargs[xa.REP_WINDOW] == 64 and xargs[xa.REP_SCOPE] == "output"
+    assert set(xargs) == DRY | NGRAM | REP == _xarg_keys(STRICT)
+    assert xargs[xa.NGRAM_SIZE] == STRICT["ngram_size"]
+    assert xargs[xa.NGRAM_WINDOW] == _window(STRICT, "ngram_window")
+    assert xargs[xa.REP_PENALTY] == STRICT["rep_penalty"] and xargs[xa.REP_WINDOW] == _window(STRICT, "rep_window")
+    assert xargs[xa.REP_SCOPE] == STRICT.get("rep_scope", "output")
     assert set(smol.digit_punct_ids) <= set(xargs[xa.REP_EXEMPT])
-    assert result.loop is not None and result.loop.min_sentence_chars < LoopConfig().min_sentence_chars
+    assert result.loop is not None and result.loop == _loop_of(STRICT)
+    balanced_loop = policy.build(dict(CHAT), kind="chat").loop
+    assert balanced_loop is not None and result.loop.min_sentence_chars <= balanced_loop.min_sentence_chars
 
 
 def test_xargs_hold_only_enabled_controls(policy: Policy) -> None:
-    body = policy.build({**CHAT, "dry_multiplier": 0}, kind="chat").body
+    xargs = policy.build({**CHAT, "dry_multiplier": 0}, kind="chat").body.get("vllm_xargs", {})
+    assert set(xargs) == _xarg_keys({**BALANCED, "dry_multiplier": 0}) and not DRY & set(xargs)
+    body = policy.build({**CHAT, "dry_multiplier": 0, "ngram_size": 0, "rep_penalty": 1.0}, kind="chat").body
     assert "vllm_xargs" not in body
     xargs = policy.build({**CHAT, "decoding_preset": "off", "ngram_size": 3}, kind="chat").body["vllm_xargs"]
     assert xargs == {xa.NGRAM_SIZE: 3, xa.NGRAM_WINDOW: 0}
@@ -84,14 +134,18 @@ def test_xargs_parse_with_the_processors_parsers(policy: Policy) -> None:
 
 
 def test_request_overrides(policy: Policy) -> None:
+    dry = STRICT["dry_multiplier"] / 2  # differs from the preset's
     result = policy.build(
-        {**CHAT, "decoding_preset": "strict", "dry_multiplier": 1.2, "loop_detection": False}, kind="chat"
+        {**CHAT, "decoding_preset": "strict", "dry_multiplier": dry, "loop_detection": False}, kind="chat"
     )
-    assert result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == 1.2
-    assert result.body["vllm_xargs"][xa.NGRAM_SIZE] == 4
+    assert result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == dry
+    assert result.body["vllm_xargs"][xa.NGRAM_SIZE] == STRICT["ngram_size"]
     assert result.loop is None and result.preset == "strict"
-    loop = policy.build({**CHAT, "loop_near_repeat_window": 10}, kind="chat").loop
-    assert loop is not None and loop.near_repeat_window == 10
+    window = BALANCED_NEAR_WINDOW + 1  # differs from the preset's; the rest of its loop settings stay
+    loop = policy.build({**CHAT, "loop_near_repeat_window": window}, kind="chat").loop
+    balanced_loop = _loop_of(BALANCED)
+    assert balanced_loop is not None and balanced_loop.near_repeat_window != window
+    assert loop == dataclasses.replace(balanced_loop, near_repeat_window=window)
 
 
 def test_governor_fields_are_stripped_and_body_is_a_copy(policy: Policy) -> None:
@@ -114,7 +168,8 @@ def test_engine_hooks_are_never_copied(policy: Policy) -> None:
     }
     assert set(hooks) == ENGINE_HOOKS
     out = policy.build({**CHAT, **hooks}, kind="chat").body
-    assert out["vllm_xargs"][xa.DRY_MULTIPLIER] == 0.8
+    assert out["vllm_xargs"][xa.DRY_MULTIPLIER] == BALANCED["dry_multiplier"] != 9
+    assert out["vllm_xargs"] == policy.build(dict(CHAT), kind="chat").body["vllm_xargs"]
     assert not {"logits_processors", "chat_template", "chat_template_kwargs"} & set(out)
     out = policy.build({**CHAT, **hooks, "decoding_preset": "off"}, kind="chat").body
     assert not ENGINE_HOOKS & set(out)
@@ -198,15 +253,21 @@ def test_layers_apply_in_order() -> None:
 
 
 def test_a_layer_naming_a_preset_starts_over() -> None:
-    policy = _policy(model_profile={"preset": "strict", "dry_multiplier": 0.3})
+    model_dry = STRICT["dry_multiplier"] / 2  # differs from strict's
+    policy = _policy(model_profile={"preset": "strict", "dry_multiplier": model_dry})
     result = policy.build(dict(CHAT), kind="chat")
-    assert result.preset == "strict" and result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == 0.3
+    assert result.preset == "strict" and result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == model_dry
+    assert result.body["vllm_xargs"][xa.NGRAM_SIZE] == STRICT["ngram_size"]
     result = policy.build(dict(CHAT), kind="chat", profile={"preset": "off"})
     assert result.preset == "off" and "vllm_xargs" not in result.body and result.loop is None
+    profile_dry = BALANCED["dry_multiplier"] / 2  # differs from balanced's
     result = policy.build(
-        {**CHAT, "decoding_preset": "balanced"}, kind="chat", profile={"dry_multiplier": 2.0, "template": "alpaca"}
+        {**CHAT, "decoding_preset": "balanced"},
+        kind="chat",
+        profile={"dry_multiplier": profile_dry, "template": "alpaca"},
     )
-    assert result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == 0.8  # profile fields dropped...
+    assert result.body["vllm_xargs"][xa.DRY_MULTIPLIER] == BALANCED["dry_multiplier"]  # profile fields dropped...
+    assert result.loop == _loop_of(BALANCED)
     assert result.body["stop"] == ALPACA_STOPS  # ...its template kept
 
 
@@ -231,10 +292,11 @@ def test_same_profile_content_is_resolved_once(policy: Policy) -> None:
 
 
 def test_windows_clamp_for_presets_and_fail_for_requests() -> None:
-    policy = _policy(max_model_len=512)
-    assert policy.build(dict(CHAT), kind="chat").body["vllm_xargs"][xa.DRY_RANGE] == 0  # 1024 ≥ context: all
+    max_model_len = BALANCED["dry_range"] - 1
+    policy = _policy(max_model_len=max_model_len)
+    assert policy.build(dict(CHAT), kind="chat").body["vllm_xargs"][xa.DRY_RANGE] == 0  # range > context: all
     with pytest.raises(InvalidRequest) as err:
-        policy.build({**CHAT, "dry_range": 1000}, kind="chat")
+        policy.build({**CHAT, "dry_range": max_model_len + 1}, kind="chat")
     assert err.value.param == "dry_range"
 
 
@@ -285,7 +347,7 @@ def test_unknown_preset(policy: Policy) -> None:
         ({"rep_exempt_digits_punct": "yes"}, "rep_exempt_digits_punct"),
         ({"loop_detection": 1}, "loop_detection"),
         ({"loop_near_repeat_count": 1}, "loop_near_repeat_count"),
-        ({"loop_near_repeat_count": 9}, "loop_near_repeat_count"),
+        ({"loop_near_repeat_count": BALANCED_NEAR_WINDOW + 1}, "loop_near_repeat_count"),
         ({"loop_max_period_chars": 4000}, "loop_max_period_chars"),
         ({"loop_buffer_chars": 1000}, "loop_buffer_chars"),
     ],
@@ -323,7 +385,7 @@ def test_bad_stop_token_ids(policy: Policy) -> None:
         ({"dry_multiplier": -1}, "dry_multiplier"),
         ({"dry_multipler": 1}, "dry_multipler"),
         ({"rep_exempt": [10**6]}, "rep_exempt"),
-        ({"loop_near_repeat_count": 9}, "near_repeat"),
+        ({"loop_near_repeat_count": BALANCED_NEAR_WINDOW + 1}, "near_repeat"),
     ],
 )
 def test_bad_profiles(policy: Policy, profile: dict[str, Any], needle: str) -> None:

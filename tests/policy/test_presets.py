@@ -24,12 +24,32 @@ def test_builtins() -> None:
     presets = builtin_presets()
     assert set(presets) == {"off", "balanced", "strict"}
     assert presets["off"].fields() == {"loop_detection": False}
-    balanced = presets["balanced"]
-    assert balanced.loop_detection is True
-    assert balanced.dry_multiplier and balanced.dry_multiplier > 0
-    assert balanced.rep_penalty is None and balanced.repetition_penalty is None  # no blunt penalty
-    strict = presets["strict"]
+    balanced, strict = presets["balanced"], presets["strict"]
+    for preset in (balanced, strict):
+        assert preset.loop_detection is True
+        assert preset.dry_multiplier and preset.dry_multiplier > 0
+        assert preset.repetition_penalty is None  # no blunt engine-wide penalty...
+        if preset.rep_penalty:  # ...only a windowed one that spares digits and punctuation
+            assert preset.rep_window and preset.rep_exempt_digits_punct
     assert strict.ngram_size and strict.rep_penalty and strict.rep_exempt_digits_punct
+
+
+def test_strict_is_stronger_than_balanced() -> None:
+    presets = builtin_presets()
+    balanced, strict = presets["balanced"], presets["strict"]
+    assert strict.dry_multiplier and balanced.dry_multiplier and strict.dry_multiplier >= balanced.dry_multiplier
+    assert strict.rep_penalty and strict.rep_penalty >= (balanced.rep_penalty or 1.0)
+    if balanced.ngram_size:  # a shorter n-gram forbids more
+        assert strict.ngram_size and strict.ngram_size <= balanced.ngram_size
+
+    def spans(name: str) -> tuple[int, int, int]:
+        fields = BUILTIN_PRESETS[name]
+        loop = LoopConfig(**{attr: fields[key] for key, attr in LOOP_FIELDS.items() if key in fields})
+        return loop.min_sentence_chars, loop.phrase_span_chars, loop.symbol_span_chars
+
+    # an earlier loop cut: no threshold later than balanced's, at least one sooner
+    assert all(s <= b for s, b in zip(spans("strict"), spans("balanced"), strict=True))
+    assert spans("strict") != spans("balanced")
 
 
 def test_loop_fields_cover_loop_config() -> None:

@@ -140,9 +140,14 @@ class VllmProcess(RemoteEngine):
                 return
             except TimeoutError:
                 pass
-            failures = 0 if await self.health(timeout=2.0) else failures + 1
+            healthy = await self.health(timeout=2.0)
+            failures = 0 if healthy else failures + 1
             if failures >= HEALTH_FAILURES_DOWN:
                 return
+            if healthy and self.state == EngineState.DOWN:
+                # A request saw a transient connection error; the same process answers again.
+                self.state = EngineState.READY
+                self._ready_event.set()
 
     def _exit_reason(self) -> str:
         if self.proc is None or self.proc.returncode is None:

@@ -49,6 +49,11 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+def _dedup(words: list[str]) -> list[str]:
+    """Collapse immediate repeats: "1. 1\n2. 2" counts 1, 2 just like "1, 2"."""
+    return [w for i, w in enumerate(words) if i == 0 or w != words[i - 1]]
+
+
 def _contiguous(needle: list[str], hay: list[str]) -> bool:
     n = len(needle)
     return any(hay[i : i + n] == needle for i in range(len(hay) - n + 1))
@@ -61,10 +66,10 @@ def passes(check: dict[str, Any], text: str) -> bool:
     if kind == "any":
         return any(v in low for v in check["values"])
     if kind == "sequence":
-        return _contiguous([v.lower() for v in check["values"]], _words(text))
+        return _contiguous([v.lower() for v in check["values"]], _dedup(_words(text)))
     if kind == "spell":
         letters = [w for w in re.split(r"[^a-z]+", low) if len(w) == 1]
-        return _contiguous(list(check["word"]), letters)
+        return _contiguous(list(check["word"]), letters) or _contiguous(_dedup(list(check["word"])), _dedup(letters))
     if kind == "count":
         return low.count(check["value"].lower()) >= int(check["min"])
     raise ValueError(f"unknown check type {kind!r}")
@@ -92,7 +97,10 @@ class Score:
 
     @property
     def loop_rate(self) -> float:
-        return self._share(lambda a: has_repeated_block(a.text))
+        """Share of answers to prompts that do not ask for repetition whose text still holds a block
+        repeated 3+ times in a row (on prompts that ask for it, repeating is the right answer)."""
+        pool = [a for a in self.answers if a.prompt["kind"] != "repeat"]
+        return sum(1 for a in pool if has_repeated_block(a.text)) / len(pool) if pool else float("nan")
 
     @property
     def length_stops(self) -> float:
@@ -169,4 +177,4 @@ def table(scores: list[Score]) -> str:
 
 def loops_detail(score: Score) -> list[str]:
     """The prompts whose answers still loop, for tuning."""
-    return [a.prompt["id"] for a in score.answers if has_repeated_block(a.text)]
+    return [a.prompt["id"] for a in score.answers if a.prompt["kind"] != "repeat" and has_repeated_block(a.text)]

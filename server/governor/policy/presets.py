@@ -37,18 +37,13 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         "description": "No anti-loop controls and no loop detection; template stops still apply.",
         "loop_detection": False,
     },
+    # Tuned with `governor eval loops` on the embedded SmolLM2 (README: "Decoding controls"): DRY alone
+    # (multiplier 0.8, allowed length 3) still let 4.6% of answers loop through near-repeats ("a winter's
+    # night, a winter's night's song, ..."); adding no-repeat 4-grams and a light windowed penalty that
+    # spares digits and punctuation removed them without costing counting or factual answers.
     "balanced": {
-        "description": "Default: light DRY and gateway loop detection; no blunt repetition penalty.",
-        "dry_multiplier": 0.8,
-        "dry_base": 1.75,
-        "dry_allowed_length": 3,
-        "dry_range": 1024,
-        "dry_breakers": ["\n", ":", '"', "*"],
-        "loop_detection": True,
-    },
-    "strict": {
-        "description": "Stronger: DRY, no-repeat 4-grams, windowed penalty with digits/punctuation exempt, "
-        "earlier loop cut.",
+        "description": "Default: DRY, no-repeat 4-grams in a window, a light windowed penalty that spares "
+        "digits/punctuation, and gateway loop detection.",
         "dry_multiplier": 1.0,
         "dry_base": 1.75,
         "dry_allowed_length": 2,
@@ -66,6 +61,27 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         "loop_symbol_span_chars": 160,
         "loop_near_repeat_count": 3,
         "loop_near_repeat_window": 12,
+    },
+    "strict": {
+        "description": "Stronger still: no-repeat 3-grams, a firmer windowed penalty, earlier loop cut. "
+        "Expect some damage to answers that must repeat.",
+        "dry_multiplier": 1.5,
+        "dry_base": 1.75,
+        "dry_allowed_length": 2,
+        "dry_range": 2048,
+        "dry_breakers": ["\n", ":", '"', "*"],
+        "ngram_size": 3,
+        "ngram_window": 512,
+        "rep_penalty": 1.15,
+        "rep_window": 128,
+        "rep_scope": "output",
+        "rep_exempt_digits_punct": True,
+        "loop_detection": True,
+        "loop_min_sentence_chars": 16,
+        "loop_phrase_span_chars": 40,
+        "loop_symbol_span_chars": 128,
+        "loop_near_repeat_count": 3,
+        "loop_near_repeat_window": 16,
     },
 }
 

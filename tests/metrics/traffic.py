@@ -1,0 +1,74 @@
+"""Real traffic through the fake-engine gateway (base model and an adapter), and /metrics parsing helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import save_file
+
+from tests.api.conftest import ADMIN, Gateway, chat_body
+
+ADAPTER = "metrics-adapter"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+# Series suffixes each metric type is exposed with (`_created` is disabled gateway-wide).
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def write_adapter(root: Path, name: str, rank: int = 4) -> Path:
+    """A minimal PEFT LoRA folder: enough for validation against a remote engine's (unknown) base."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": np.full((rank, 8), 0.01, dtype=np.float32),
+        f"{prefix}.lora_B.weight": np.full((8, rank), 0.01, dtype=np.float32),
+    }
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+async def exercise(gw: Gateway, adapter: bool = True) -> None:
+    """Base and adapter requests on both endpoints, streaming and not, plus one unknown model (404)."""
+    client = gw.client
+    if adapter:
+        write_adapter(gw.settings.adapters_dir, ADAPTER)
+        r = await client.post("/admin/adapters", json={"name": ADAPTER, "path": ADAPTER}, headers=ADMIN_AUTH)
+        assert r.status_code == 200, r.text
+    models = ["fake-model", ADAPTER] if adapter else ["fake-model"]
+    for model in models:
+        for stream in (False, True):
+            r = await client.post(
+                "/v1/chat/completions", json=chat_body(model=model, stream=stream), headers=ADMIN_AUTH
+            )
+            assert r.status_code == 200, r.text
+        body = {"model": model, "prompt": "hi", "max_tokens": 3}
+        r = await client.post("/v1/completions", json=body, headers=ADMIN_AUTH)
+        assert r.status_code == 200, r.text
+    r = await client.post("/v1/chat/completions", json=chat_body(model="no-such-model"), headers=ADMIN_AUTH)
+    assert r.status_code == 404, r.text
+
+
+async def scrape(gw: Gateway) -> str:
+    r = await gw.client.get("/metrics")
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def families(text: str) -> dict[str, Metric]:
+    """Families by name (prometheus_client strips `_total` from counter family names)."""
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def series_names(found: dict[str, Metric]) -> set[str]:
+    """Every series name a query may use: sample names seen, plus the ones each family's type implies."""
+    names: set[str] = set()
+    for family in found.values():
+        names.update(sample.name for sample in family.samples)
+        names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
+    return names
