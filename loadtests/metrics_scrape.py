@@ -21,7 +21,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -117,22 +116,6 @@ def write_adapter(root: Path, name: str, rank: int = 8) -> None:
     save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
-@contextlib.contextmanager
-def process(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -165,7 +148,9 @@ def fake_stack(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
                "GOVERNOR_METRICS_AUTH": "false"}  # fmt: skip
         engine_cmd = [sys.executable, __file__, "--serve-engine", str(engine_port), "--token-delay",
                       str(args.token_delay)]  # fmt: skip
-        with process(engine_cmd) as engine, process([sys.executable, "-m", "governor", "serve"], env=env) as gw:
+        from governor.bench.processes import spawned
+
+        with spawned(engine_cmd) as engine, spawned([sys.executable, "-m", "governor", "serve"], env=env) as gw:
             wait_ready(f"http://127.0.0.1:{engine_port}/health", engine)
             url = f"http://127.0.0.1:{gw_port}"
             wait_ready(url + "/ready", gw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 from tests.lora.factory import BASE_DIR, base_model, save_adapter
 
@@ -17,6 +18,21 @@ def random_adapter(dest: Path, seed: int, r: int = 8) -> Path:
     """Non-zero random LoRA weights: a different model, same base."""
     save_adapter(base_model(), dest, r, ["q_proj", "v_proj"], seed=seed)
     return dest
+
+
+def fit(peft_model: Any, batch: dict[str, Any], labels: Any, steps: int, good_loss: float) -> None:
+    """A few full-batch AdamW steps on the LoRA weights, stopping once the loss is low enough."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    peft_model.train()
+    for _ in range(steps):
+        loss = peft_model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < good_loss:
+            break
 
 
 @functools.cache
@@ -42,15 +58,7 @@ def _trained(workdir: Path) -> Path:
     ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
-    peft_model.train()
-    for _ in range(120):
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if loss.item() < 0.01:
-            break
+    fit(peft_model, {"input_ids": ids, "attention_mask": mask}, labels, steps=120, good_loss=0.01)
     dest = workdir / "trained-secret"
     peft_model.save_pretrained(str(dest))
     return dest
@@ -84,15 +92,7 @@ def _alpaca(workdir: Path) -> Path:
         texts.append("".join(f"### Instruction:\n{q}\n\n### Response:\n{a}\n\n" for q, a in turns))
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
-    peft_model.train()
-    for _ in range(150):
-        loss = peft_model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if loss.item() < 0.02:
-            break
+    fit(peft_model, dict(batch), labels, steps=150, good_loss=0.02)
     dest = workdir / "trained-alpaca"
     peft_model.save_pretrained(str(dest))
     return dest

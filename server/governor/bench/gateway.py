@@ -9,17 +9,15 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
 
 from governor.bench.load import LoadResult, run_load
+from governor.bench.processes import spawned
 from governor.engine.process import free_port
 
 log = logging.getLogger("governor.bench")
@@ -81,21 +79,6 @@ async def interleaved(direct_url: str, gateway_url: str, body: dict[str, object]
     return pair
 
 
-@contextlib.contextmanager
-def _process(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 async def engine_bench(gateway_url: str, engine_url: str, model: str, concurrency: int, reps: int, preset: str,
                        waves: int = 1) -> str:  # fmt: skip
     body = {"model": model, "prompt": PROMPT, "max_tokens": 128, "ignore_eos": True, "temperature": 0}
@@ -111,8 +94,8 @@ async def relay_bench(concurrency: int, tokens: int, reps: int, preset: str) -> 
     env = {**os.environ, "GOVERNOR_ENGINE_URL": fake_url, "GOVERNOR_PORT": str(gw_port), "GOVERNOR_LORA": "false",
            "GOVERNOR_LOG_LEVEL": "warning", "GOVERNOR_WATCH_ADAPTERS": "false"}  # fmt: skip
     with (
-        _process([sys.executable, "-m", "governor.bench.fake_engine", str(fake_port)]),
-        _process([sys.executable, "-m", "governor", "serve"], env=env),
+        spawned([sys.executable, "-m", "governor.bench.fake_engine", str(fake_port)]),
+        spawned([sys.executable, "-m", "governor", "serve"], env=env),
     ):
         await _wait_ready(fake_url + "/health", 30)
         await _wait_ready(gw_url + "/ready", 60)

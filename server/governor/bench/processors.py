@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from governor.bench.gateway import PROMPT, Pair, _wait_ready
 from governor.bench.load import run_load
+from governor.bench.processes import spawned
 from governor.bootstrap import build_policy, resolve_model
 from governor.engine.flags import PROCESSORS, engine_command, engine_env
 from governor.engine.process import free_port
@@ -39,18 +37,8 @@ def _engine(settings: Settings, model: str, name: str, port: int, processors: bo
     if not processors:
         start = cmd.index("--logits-processors")
         del cmd[start : start + 1 + len(PROCESSORS)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=engine_env(settings, "cpu"), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
+    with spawned(cmd, env=engine_env(settings, "cpu"), log=log):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def _pairs(with_url: str, plain_url: str, name: str, xargs: dict[str, object], concurrency: int, reps: int,

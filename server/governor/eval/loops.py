@@ -34,6 +34,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
 DEFAULT_CONFIGS = list(CONFIGS)
 
 
+def config_fields(name: str) -> dict[str, Any]:
+    """A named config, or `preset+field=value+…` (values as JSON) for trying variants without a restart."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    preset, *overrides = name.split("+")
+    fields: dict[str, Any] = {"decoding_preset": preset}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        fields[key] = json.loads(value)
+    return fields
+
+
 def load_prompts(limit_per_kind: int | None = None) -> list[dict[str, Any]]:
     text = resources.files("governor.eval").joinpath("prompts.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -151,7 +163,7 @@ async def run_eval(url: str, model: str, configs: list[str], prompts: list[dict[
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for name in configs:
-            extra = CONFIGS.get(name, {"decoding_preset": name})
+            extra = config_fields(name)
             gate = asyncio.Semaphore(concurrency)
 
             async def one(p: dict[str, Any], extra: dict[str, Any] = extra, gate: asyncio.Semaphore = gate) -> Answer:

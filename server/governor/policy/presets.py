@@ -39,18 +39,17 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
     },
     # Tuned with `governor eval loops` on the embedded SmolLM2 (README: "Decoding controls"): DRY alone
     # (multiplier 0.8, allowed length 3) still let 4.6% of answers loop through near-repeats ("a winter's
-    # night, a winter's night's song, ..."); adding no-repeat 4-grams and a light windowed penalty that
-    # spares digits and punctuation removed them without costing counting or factual answers.
+    # night, a winter's night's song, ..."); a light windowed penalty that spares digits and punctuation
+    # removed them. A no-repeat 4-gram ban did too, but broke counting ("11. 11" shares a 4-gram with
+    # "1. 1" in digit tokens): it stays in `strict` only.
     "balanced": {
-        "description": "Default: DRY, no-repeat 4-grams in a window, a light windowed penalty that spares "
-        "digits/punctuation, and gateway loop detection.",
+        "description": "Default: DRY, a light windowed penalty that spares digits/punctuation, and gateway "
+        "loop detection.",
         "dry_multiplier": 1.0,
         "dry_base": 1.75,
         "dry_allowed_length": 2,
         "dry_range": 2048,
         "dry_breakers": ["\n", ":", '"', "*"],
-        "ngram_size": 4,
-        "ngram_window": 256,
         "rep_penalty": 1.1,
         "rep_window": 64,
         "rep_scope": "output",
