@@ -147,3 +147,21 @@ def test_splitter_handles_split_events() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b'data: {"a"') == []
     assert splitter.feed(b":1}\n\ndata: [DONE]\n\n") == [b'{"a":1}', b"[DONE]"]
+
+
+async def test_escaped_text_is_decoded_for_the_detector_and_sent_unchanged() -> None:
+    sentence = 'She said "the tide is high" and walked on.\n'
+    tokens = [w + " " for w in (sentence * 6).split(" ") if w]
+    up = MemoryUpstream(chat_events(tokens, usage_each=True))
+    relay = Relay(up, kind="chat", n=1, loop=LoopConfig(), client_usage=False, client_continuous=False)
+    events = await drain(relay)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e != "[DONE]" and e["choices"])
+    assert 'said "the tide is high"' in text  # escapes survive the relay byte for byte
+    assert events[-2]["choices"][0]["stop_reason"] == "loop_detected"
+
+
+async def test_continuous_usage_kept_when_the_client_asked() -> None:
+    relay = Relay(MemoryUpstream(chat_events(PROSE, usage_each=True)), kind="chat", n=1, loop=LoopConfig(),
+                  client_usage=True, client_continuous=True)  # fmt: skip
+    events = await drain(relay)
+    assert all("usage" in e for e in events[:-1])

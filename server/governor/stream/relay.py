@@ -9,6 +9,7 @@ choice is finished the upstream request is closed, which makes vLLM abort it and
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ log = logging.getLogger("governor.stream")
 LOOP_REASON = "loop_detected"
 _VLLM_REPETITION = b"repetition_detected"
 _USAGE = b'"usage":{'
+_FINISH_NULL = b'"finish_reason":null'
+# The text delta of a chunk: chat `"content":"…"` or completions `"text":"…"` (the first such key is
+# the delta's; logprobs use `"content":[`). JSON string escapes are decoded only when present.
+_TEXT = re.compile(rb'"(?:content|text)":"((?:[^"\\]|\\.)*)"')
+_USAGE_FIELD = re.compile(rb',"usage":\{(?:[^{}]|\{[^{}]*\})*\}')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
 
 
 @dataclass
@@ -64,20 +72,27 @@ class Relay:
         self._detectors: dict[int, LoopDetector] = {}
         self._finished: set[int] = set()
         self._cut_choices: set[int] = set()
+        self._head: dict[str, Any] = {}
 
     # -- upstream events -------------------------------------------------------------------------------
 
-    async def _payloads(self) -> AsyncIterator[bytes]:
-        """Upstream `data:` payloads until [DONE]; a stream that ends without it is an error."""
+    async def _batches(self) -> AsyncIterator[list[bytes]]:
+        """Upstream `data:` payloads, one list per network read, until [DONE]; a stream that ends
+        without it is an error. Working per read (several events under load) keeps per-event cost low."""
         splitter = EventSplitter()
         try:
             async for chunk in self.upstream.chunks():
                 if self.stats.first_token_at is None:
                     self.stats.first_token_at = time.monotonic()
-                for payload in splitter.feed(chunk):
-                    if payload == b"[DONE]":
-                        return
-                    yield payload
+                payloads = splitter.feed(chunk)
+                if not payloads:
+                    continue
+                if payloads[-1] == b"[DONE]" or b"[DONE]" in payloads:
+                    before = payloads[: payloads.index(b"[DONE]")]
+                    if before:
+                        yield before
+                    return
+                yield payloads
         except TimeoutError as exc:
             raise DeadlineExceeded("Request deadline exceeded; generation was stopped.") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -161,44 +176,91 @@ class Relay:
         finally:
             self.upstream.abort()
 
+    async def _payloads(self) -> AsyncIterator[bytes]:
+        async for batch in self._batches():
+            for payload in batch:
+                yield payload
+
     async def _stream_fast(self) -> AsyncIterator[bytes]:
-        async for payload in self._payloads():
-            if _USAGE in payload or _VLLM_REPETITION in payload:
-                obj = orjson.loads(payload)
-                self._note_usage(obj)
-                if _VLLM_REPETITION in payload:
-                    self._scan(obj)
-                    payload = orjson.dumps(obj)
-                if not obj.get("choices") and not self.client_usage:
-                    continue  # the usage-only chunk Governor asked for on its own behalf
-            yield raw_event(payload)
+        async for batch in self._batches():
+            out = []
+            for payload in batch:
+                if _USAGE in payload or _VLLM_REPETITION in payload:
+                    obj = orjson.loads(payload)
+                    self._note_usage(obj)
+                    if _VLLM_REPETITION in payload:
+                        self._scan(obj)
+                        payload = orjson.dumps(obj)
+                    if not obj.get("choices") and not self.client_usage:
+                        continue  # the usage-only chunk Governor asked for on its own behalf
+                out.append(raw_event(payload))
+            if out:
+                yield b"".join(out)
         yield DONE
 
+    def _simple_text(self, payload: bytes) -> tuple[bytes, str | None] | None:
+        """The common event (one choice, mid-generation) handled on bytes: (payload to send, text delta).
+        None means: parse it fully (first/last events, several choices, vLLM's repetition stop)."""
+        if self.n != 1 or _FINISH_NULL not in payload or _VLLM_REPETITION in payload or not self._head:
+            return None
+        if _USAGE in payload:
+            prompt, completion = _PROMPT_TOKENS.search(payload), _COMPLETION_TOKENS.search(payload)
+            if prompt and completion:
+                self.stats.prompt_tokens, self.stats.completion_tokens = int(prompt[1]), int(completion[1])
+            if not self.client_continuous:
+                payload = _USAGE_FIELD.sub(b"", payload, count=1)
+        match = _TEXT.search(payload)
+        if match is None:
+            return payload, None
+        raw = match[1]
+        text = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8", "replace")
+        return payload, text
+
     async def _stream_checked(self) -> AsyncIterator[bytes]:
-        head: dict[str, Any] = {}
-        async for payload in self._payloads():
-            obj = orjson.loads(payload)
-            if not head:
-                head = obj
-            self._note_usage(obj)
-            usage_only = not obj.get("choices")
-            self._drop_cut(obj)
-            if usage_only and not self.client_usage:
-                continue
-            if not usage_only and not obj["choices"]:
-                continue  # only deltas of choices already cut
-            looping = self._scan(obj)
-            if "usage" in obj and not usage_only and not self.client_continuous:
-                del obj["usage"]  # continuous usage was Governor's request, not the client's
-            out = event(obj)
+        async for batch in self._batches():
+            out: list[bytes] = []
+            looping: list[int] = []
+            texts: list[str] = []  # simple events' deltas, fed to the detector once per read
+            for payload in batch:
+                simple = self._simple_text(payload)
+                if simple is not None:
+                    payload, text = simple
+                    out.append(raw_event(payload))
+                    if text:
+                        texts.append(text)
+                    continue
+                if texts and self._detector(0).feed("".join(texts)) is not None:
+                    looping = [0]
+                    break
+                texts = []
+                obj = orjson.loads(payload)
+                if not self._head:
+                    self._head = {k: obj.get(k) for k in ("id", "created", "model")}
+                self._note_usage(obj)
+                usage_only = not obj.get("choices")
+                self._drop_cut(obj)
+                if usage_only and not self.client_usage:
+                    continue
+                if not usage_only and not obj["choices"]:
+                    continue  # only deltas of choices already cut
+                looping = self._scan(obj)
+                if "usage" in obj and not usage_only and not self.client_continuous:
+                    del obj["usage"]  # continuous usage was Governor's request, not the client's
+                out.append(event(obj))
+                if looping:
+                    break
+            if texts and not looping and self._detector(0).feed("".join(texts)) is not None:
+                looping = [0]
             for index in looping:
-                out += event(self._cut(index, head))
-            yield out
-            if len(self._finished) >= self.n and looping:
+                out.append(event(self._cut(index, self._head)))
+            if looping and len(self._finished) >= self.n:
                 self.stats.outcome = "loop"
                 if self.client_usage:
-                    yield event(self._usage_chunk(head))
+                    out.append(event(self._usage_chunk(self._head)))
+                yield b"".join(out)
                 break
+            if out:
+                yield b"".join(out)
         yield DONE
 
     # -- non-streaming clients -------------------------------------------------------------------------
