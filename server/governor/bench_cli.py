@@ -22,6 +22,7 @@ def register(bench_app: typer.Typer) -> None:
         relay_tokens: int = typer.Option(512, help="Events per stream in the relay mode."),
         relay_concurrency: int = typer.Option(32, help="Streams in the relay mode."),
         waves: int = typer.Option(2, min=1, help="Requests per run = waves x concurrency."),
+        relay_requests: int = typer.Option(0, help="Requests per relay run (0 = 2 x relay concurrency)."),
     ) -> None:
         """Gateway vs direct vLLM (throughput ratio, TTFT delta) and relay capacity vs a fake engine."""
         from governor.bench import gateway as bench
@@ -30,7 +31,9 @@ def register(bench_app: typer.Typer) -> None:
             for c in concurrency:
                 typer.echo(asyncio.run(bench.engine_bench(gateway_url, engine_url, model, c, reps, preset, waves)))
         if relay:
-            for line in asyncio.run(bench.relay_bench(relay_concurrency, relay_tokens, reps, relay_preset)):
+            for line in asyncio.run(
+                bench.relay_bench(relay_concurrency, relay_tokens, reps, relay_preset, relay_requests)
+            ):
                 typer.echo(line)
 
     @bench_app.command("load")

@@ -87,7 +87,7 @@ async def engine_bench(gateway_url: str, engine_url: str, model: str, concurrenc
     return pair.report("tokens_per_second", "tok/s")
 
 
-async def relay_bench(concurrency: int, tokens: int, reps: int, preset: str) -> list[str]:
+async def relay_bench(concurrency: int, tokens: int, reps: int, preset: str, requests: int = 0) -> list[str]:
     """Events/s through one gateway worker vs the fake engine direct, same run."""
     fake_port, gw_port = free_port(), free_port()
     fake_url, gw_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
@@ -100,7 +100,7 @@ async def relay_bench(concurrency: int, tokens: int, reps: int, preset: str) -> 
         await _wait_ready(fake_url + "/health", 30)
         await _wait_ready(gw_url + "/ready", 60)
         body = {"model": "fake-model", "prompt": "x", "max_tokens": tokens}
-        pair = await interleaved(fake_url, gw_url, body, concurrency, concurrency * 2, reps,
+        pair = await interleaved(fake_url, gw_url, body, concurrency, requests or concurrency * 2, reps,
                                  f"relay, {concurrency} streams x {tokens} events, preset {preset}",
                                  {"decoding_preset": preset})  # fmt: skip
     return [pair.report("events_per_second", "events/s")]
