@@ -19,6 +19,7 @@ from governor.engine.process import free_port
 
 ADMIN = "fuzz-admin"
 PROCESSES: dict[str, subprocess.Popen[bytes]] = {}  # url -> the governor process, for signal tests
+ENGINES: dict[str, str] = {}  # url -> the fake engine's URL behind it, to call it directly
 
 
 @contextmanager
@@ -35,6 +36,7 @@ def fake_backed_governor(delay: float = 0.0, **env: str) -> Iterator[str]:
     gw = subprocess.Popen([sys.executable, "-m", "governor", "serve"], env=full)
     url = f"http://127.0.0.1:{port}"
     PROCESSES[url] = gw
+    ENGINES[url] = f"http://127.0.0.1:{fake_port}"
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -53,6 +55,7 @@ def fake_backed_governor(delay: float = 0.0, **env: str) -> Iterator[str]:
                 proc.terminate()
                 proc.wait(30)
         PROCESSES.pop(url, None)
+        ENGINES.pop(url, None)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -3,9 +3,6 @@ in front of the zero-latency fake engine (no vLLM)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,7 @@ import pytest
 from governor.bench import locust_run
 from governor.bench.locust_run import ClassSummary, LoadOptions, LoadSummary, LoadTestError
 from governor.engine.process import free_port
-from tests.conftest import ready, wait_for
+from tests.fuzz_support import ENGINES, fake_backed_governor
 
 HEADER = (
     "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
@@ -136,41 +133,11 @@ def test_refused_host_starts_nothing(tmp_path: Path) -> None:
     assert "not a loopback address" in lines[0] and not (tmp_path / "out").exists()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 @pytest.fixture(scope="module")
-def fake_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def fake_gateway() -> Iterator[tuple[str, str]]:
     """(gateway URL, fake engine URL): `governor serve` in front of the fake engine."""
-    root = tmp_path_factory.mktemp("fake-gateway")
-    fake_port, gw_port = free_port(), free_port()
-    engine_url = f"http://127.0.0.1:{fake_port}"
-    fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(fake_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    env = {
-        **os.environ, "GOVERNOR_ENGINE_URL": engine_url, "GOVERNOR_PORT": str(gw_port),
-        "GOVERNOR_WATCH_ADAPTERS": "false", "GOVERNOR_LORA": "false", "GOVERNOR_STATE_DIR": str(root / "state"),
-        "GOVERNOR_ADAPTERS_DIR": str(root / "adapters"), "GOVERNOR_API_KEYS": "", "GOVERNOR_LOG_LEVEL": "warning",
-        "GOVERNOR_DRAIN_SECONDS": "0",
-    }  # fmt: skip
-    log = root / "governor.log"
-    with log.open("wb") as out:
-        gateway = subprocess.Popen([sys.executable, "-m", "governor", "serve"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{gw_port}"
-    try:
-        wait_for(lambda: ready(url) or gateway.poll() is not None, 60, what="governor in front of the fake engine")
-        assert gateway.poll() is None, log.read_text(errors="replace")
-        yield url, engine_url
-    finally:
-        _stop(gateway)
-        _stop(fake)
+    with fake_backed_governor(GOVERNOR_LORA="false", GOVERNOR_API_KEYS="") as url:
+        yield url, ENGINES[url]
 
 
 def test_smoke_run_through_governor(fake_gateway: tuple[str, str], tmp_path: Path) -> None:
