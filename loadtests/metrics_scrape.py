@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import statistics
@@ -101,21 +100,6 @@ def serve_fake_engine(port: int, delay: float) -> None:
         asyncio.run(forever())
 
 
-def write_adapter(root: Path, name: str, rank: int = 8) -> None:
-    """A minimal PEFT LoRA folder; a remote engine's base is unknown, so only its form is validated."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    folder = root / name
-    folder.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    tensors = {f"{prefix}.lora_A.weight": np.ones((rank, 64), np.float32),
-               f"{prefix}.lora_B.weight": np.ones((64, rank), np.float32)}  # fmt: skip
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-
-
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,6 +122,8 @@ def fake_stack(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     admin = "bench-admin-key"
     with tempfile.TemporaryDirectory(prefix="governor-scrape-") as tmp:
         root = Path(tmp)
+        from governor.bench.fake_adapter import write_adapter
+
         names = [f"scrape-adapter-{i}" for i in range(args.adapters)]
         for name in names:
             write_adapter(root / "adapters", name)

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.numpy import save_file
 
+from governor.bench.fake_adapter import write_adapter
 from tests.api.conftest import ADMIN, Gateway, chat_body
 
 ADAPTER = "metrics-adapter"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 # Series suffixes each metric type is exposed with (`_created` is disabled gateway-wide).
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-
-
-def write_adapter(root: Path, name: str, rank: int = 4) -> Path:
-    """A minimal PEFT LoRA folder: enough for validation against a remote engine's (unknown) base."""
-    folder = root / name
-    folder.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    tensors = {
-        f"{prefix}.lora_A.weight": np.full((rank, 8), 0.01, dtype=np.float32),
-        f"{prefix}.lora_B.weight": np.full((8, rank), 0.01, dtype=np.float32),
-    }
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    return folder
 
 
 async def exercise(gw: Gateway, adapter: bool = True) -> None:
