@@ -165,3 +165,79 @@ async def test_continuous_usage_kept_when_the_client_asked() -> None:
                   client_usage=True, client_continuous=True)  # fmt: skip
     events = await drain(relay)
     assert all("usage" in e for e in events[:-1])
+
+
+async def test_tricky_deltas_and_nested_usage_survive_the_byte_path() -> None:
+    # tokens ending in a backslash or a quote, escapes, non-ASCII; usage with a nested details object
+    sentence = ["Path C:", "\\", "temp", '\\"', ' is "odd', '"', " — é ", "\u2028", "ok.\n"]
+    tokens = sentence * 6
+    events = []
+    for i, text in enumerate(tokens):
+        usage = {"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": 4 + i,
+                 "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+        body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}], "usage": usage}  # fmt: skip
+        events.append(b"data: " + orjson.dumps(body) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    relay = Relay(MemoryUpstream(events), kind="chat", n=1, loop=LoopConfig(), client_usage=False,
+                  client_continuous=False)  # fmt: skip
+    out = await drain(relay)
+    content = [e["choices"][0]["delta"].get("content", "") for e in out if e != "[DONE]" and e["choices"]]
+    assert content[: len(sentence) * 2] == sentence * 2  # byte-exact, escapes and all
+    assert not any("usage" in e for e in out if e != "[DONE]")  # Governor's continuous usage is stripped
+    assert out[-2]["choices"][0]["stop_reason"] == "loop_detected"  # the detector saw the decoded text
+    assert relay.stats.prompt_tokens == 3 and 2 * len(sentence) < relay.stats.completion_tokens < len(tokens)
+
+
+def completion_events(texts: list[str], usage_each: bool) -> list[bytes]:
+    """The completions shape of chat_events."""
+    out = []
+    for event in chat_events(texts, usage_each=usage_each):
+        if event.startswith(b"data: {"):
+            body = orjson.loads(event[6:])
+            for choice in body["choices"]:
+                choice["text"] = choice.pop("delta")["content"]
+            event = b"data: " + orjson.dumps(body) + b"\n\n"
+        out.append(event)
+    return out
+
+
+def rechunk(events: list[bytes], how: str) -> list[bytes]:
+    """The same bytes as one event per read, all in one read, or 7-byte reads (events split anywhere)."""
+    data = b"".join(events)
+    if how == "events":
+        return events
+    if how == "whole":
+        return [data]
+    return [data[i : i + 7] for i in range(0, len(data), 7)]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+@pytest.mark.parametrize("loop", [None, LoopConfig()])
+@pytest.mark.parametrize(("client_usage", "client_continuous"), [(False, False), (True, False), (True, True)])
+async def test_output_does_not_depend_on_how_reads_split_the_stream(
+    kind: str, loop: LoopConfig | None, client_usage: bool, client_continuous: bool
+) -> None:
+    each = loop is not None or client_continuous  # when Governor asks vLLM for continuous usage
+    events = chat_events(PROSE, usage_each=each) if kind == "chat" else completion_events(PROSE, usage_each=each)
+    results = []
+    for how in ("events", "whole", "bytes"):
+        relay = Relay(MemoryUpstream(rechunk(events, how)), kind=kind, n=1, loop=loop, client_usage=client_usage,
+                      client_continuous=client_continuous)  # fmt: skip
+        results.append((await drain(relay), relay.stats.completion_tokens))
+    assert results[0] == results[1] == results[2]
+    out, tokens = results[0]
+    assert tokens == len(PROSE) and out[-1] == "[DONE]"
+    assert any("usage" in e for e in out[:-1]) == client_usage
+    assert all("usage" in e for e in out[:-1]) == client_continuous
+
+
+@pytest.mark.parametrize("how", ["events", "whole", "bytes"])
+async def test_loop_is_cut_however_reads_split_the_stream(how: str) -> None:
+    up = MemoryUpstream(rechunk(chat_events(LOOP, usage_each=True), how))
+    relay = Relay(up, kind="chat", n=1, loop=LoopConfig(), client_usage=True, client_continuous=False)
+    events = await drain(relay)
+    assert events[-3]["choices"][0]["stop_reason"] == "loop_detected"
+    assert events[-2]["usage"]["completion_tokens"] == relay.stats.completion_tokens > 0
+    assert relay.stats.outcome == "loop" and events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-2])

@@ -13,7 +13,7 @@ from governor.lora.registry import AdapterRegistry
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_auth)])
 
 
-def get_registry(request: Request) -> AdapterRegistry:
+async def get_registry(request: Request) -> AdapterRegistry:
     registry: AdapterRegistry = request.app.state.registry
     return registry
 

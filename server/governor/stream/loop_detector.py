@@ -215,7 +215,8 @@ class LoopDetector:
         """Periodicity checks on the text up to absolute lite position ``at``."""
         cfg = self._cfg
         end = at - self._lite_base
-        run = _find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs)
+        run = _find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs,
+                        floor=self._prose_needs)  # fmt: skip
         if run is not None:
             self._fire(run, "lite", self._lite, end, self._lite_base)
             return
@@ -226,7 +227,8 @@ class LoopDetector:
         recent = norm[-cfg.max_period_chars :]
         # cheap gate (a regex letter scan is slow): a number, and a letter (cased, or not ASCII)
         if _PLACEHOLDER in recent and (recent.upper() != recent or not recent.isascii()):
-            run = _find_run(norm, len(norm), cfg.max_period_chars, cfg.buffer_chars, self._varying_needs)
+            run = _find_run(norm, len(norm), cfg.max_period_chars, cfg.buffer_chars, self._varying_needs,
+                            floor=self._template_needs)  # fmt: skip
             if run is not None:
                 self._fire(run, "norm", norm, len(norm), self._norm_base)
 
@@ -250,15 +252,22 @@ class LoopDetector:
         if not _LETTER.search(block):
             return max(cfg.symbol_span_chars, _SYMBOL_MIN_COPIES * period)
         if self._in_code or _CODE.search(block):
-            return max(cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
-        if period >= cfg.min_sentence_chars:
+            return self._template_needs(period)
+        return self._prose_needs(period)
+
+    def _prose_needs(self, period: int) -> int:
+        """The threshold for prose, the lowest of all: a lower bound that needs no look at the block."""
+        if period >= self._cfg.min_sentence_chars:
             return 2 * period + min(_SENTENCE_CONFIRM_CHARS, period - 1)
-        return max(cfg.phrase_span_chars, 3 * period)
+        return max(self._cfg.phrase_span_chars, 3 * period)
+
+    def _template_needs(self, period: int) -> int:
+        return max(self._cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
 
     def _varying_needs(self, block: str, period: int) -> int:
         """The run length for a block that repeats only once numbers are normalised."""
         if _PLACEHOLDER in block and _WORD.search(block):
-            return max(self._cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
+            return self._template_needs(period)
         return _NEVER  # no number (the exact check judged it) or no word: "7 x 8 = 56" is no loop
 
     def _fire(self, run: tuple[int, int], stream: str, buf: str, end: int, base: int) -> None:
@@ -268,14 +277,17 @@ class LoopDetector:
 
 
 def _find_run(
-    buf: str, end: int, max_period: int, history: int, needs: _Needs, key: int = _KEY_CHARS, tries: int = 8
-) -> tuple[int, int] | None:
+    buf: str, end: int, max_period: int, history: int, needs: _Needs, key: int = _KEY_CHARS, tries: int = 8,
+    floor: Callable[[int], int] | None = None,
+) -> tuple[int, int] | None:  # fmt: skip
     """The (period, span) of a periodic run ending at ``buf[end]`` that meets ``needs``, else None.
 
     Candidate periods come from earlier occurrences of the ``key`` chars before ``end``, nearest
     first. A run found for one period also covers that period's multiples, so the search goes on
     only before that run: a multiple is never judged as a separate, longer "sentence". Spans are
     measured over at most ``history`` chars, so they do not depend on when the buffer was trimmed.
+    ``floor(period)``, a lower bound of ``needs`` for any block, lets a short run be dismissed
+    before ``needs`` looks at the block (most candidates in ordinary text are a few shared words).
     """
     if end <= key:
         return None
@@ -288,10 +300,15 @@ def _find_run(
             return None
         period = end - key - q
         limit = min(end, history) - period
-        needed = needs(buf[max(0, end - period - 2) : end], period)  # 2 more: "a.b" may straddle the cut
-        # measure as far as the threshold (or, never firing, to skip the run); all of it for the cut
-        reach = needed - period if needed < _NEVER else max_period + key
-        span = period + _common_suffix(buf, end, period, key, min(limit, reach))
+        least = floor(period) if floor is not None else 0
+        span = period + _common_suffix(buf, end, period, key, min(limit, least - period)) if least else period + key
+        if span >= least:
+            needed = needs(buf[max(0, end - period - 2) : end], period)  # 2 more: "a.b" may straddle the cut
+            # measure as far as the threshold (or, never firing, to skip the run); all of it for the cut
+            reach = needed - period if needed < _NEVER else max_period + key
+            span = period + _common_suffix(buf, end, period, span - period, min(limit, reach))
+        else:
+            needed = _NEVER
         if span >= needed:
             return period, period + _common_suffix(buf, end, period, span - period, limit)
         hi = min(q + key - 1, end - span - 1 + key)

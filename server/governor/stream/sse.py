@@ -10,31 +10,54 @@ from governor.errors import GovernorError, error_body
 
 DONE = b"data: [DONE]\n\n"
 _SEP = b"\n\n"
+_NEXT = b"\n\ndata: "
 
 
 class EventSplitter:
-    """Turns arbitrary byte chunks into complete SSE `data:` payloads (without the prefix)."""
+    """Turns arbitrary byte chunks into complete SSE events."""
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, chunk: bytes) -> list[bytes]:
+    def feed_block(self, chunk: bytes) -> bytes:
+        """The events completed by ``chunk``, as one block in vLLM's shape: `data: <payload>\n\n` each.
+        A JSON payload holds no raw newline, so counting newlines proves the shape without a split."""
         buf = self._buf + chunk if self._buf else chunk
-        if _SEP not in buf:
+        cut = buf.rfind(_SEP)
+        if cut < 0:
             self._buf = buf
-            return []
-        parts = buf.split(_SEP)
-        self._buf = parts.pop()
+            return b""
+        block, self._buf = buf[: cut + 2], buf[cut + 2 :]
+        seps = block.count(_SEP)
+        if block[:6] == b"data: " and block.count(b"\n") == 2 * seps and block.count(_NEXT) == seps - 1:
+            return block
+        # tolerate CRLF, `data:` without the space, several lines and comment lines anyway
         out = []
-        for part in parts:
-            # vLLM sends one `data:` line per event; tolerate CRLF and comment lines anyway.
+        for part in block.split(_SEP)[:-1]:
             for line in part.split(b"\n"):
                 line = line.rstrip(b"\r")
                 if line.startswith(b"data:"):
-                    out.append(line[6:] if line[5:6] == b" " else line[5:])
-        return out
+                    out.append(raw_event(line[6:] if line[5:6] == b" " else line[5:]))
+        return b"".join(out)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The `data:` payloads (without the prefix) completed by ``chunk``."""
+        return payloads(self.feed_block(chunk))
+
+
+def payloads(block: bytes) -> list[bytes]:
+    """The payloads of a block from :meth:`EventSplitter.feed_block`."""
+    return [part[6:] for part in block.split(_SEP)[:-1]]
+
+
+def done_at(block: bytes) -> int:
+    """Where the [DONE] event starts in a block, else -1 (payloads hold no raw newline: no false hit)."""
+    if block.startswith(DONE):
+        return 0
+    at = block.find(_SEP + DONE)
+    return at + 2 if at >= 0 else -1
 
 
 def event(payload: dict[str, Any]) -> bytes:
