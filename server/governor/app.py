@@ -15,6 +15,7 @@ from governor.api import openai_routes, ops_routes
 from governor.api.quota import Quotas
 from governor.engine.pool import EnginePool
 from governor.errors import install_handlers
+from governor.metrics.engine import EngineScraper
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
 from governor.policy.builder import Policy
@@ -32,6 +33,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     gpu = GpuCollector(metrics.total_output_tokens)
     metrics.registry.register(gpu)
     metrics.registry.register(EngineCollector(lambda: pool.engines))
+    engine_scraper = EngineScraper()
     if registry is not None:
         metrics.registry.register(registry.metrics)
     metrics.bound_labels(lambda: _known_models(pool, registry))
@@ -54,6 +56,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
+    app.state.engine_scraper = engine_scraper
     app.state.registry = registry
     app.state.started_at = time.time()
     app.state.readiness = Readiness(pool, settings.ready_cache_seconds)

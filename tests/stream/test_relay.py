@@ -175,8 +175,9 @@ async def test_tricky_deltas_and_nested_usage_survive_the_byte_path() -> None:
     for i, text in enumerate(tokens):
         usage = {"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": 4 + i,
                  "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
-        body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}], "usage": usage}  # fmt: skip
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+        body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice],
+                "usage": usage}  # fmt: skip
         events.append(b"data: " + orjson.dumps(body) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     relay = Relay(MemoryUpstream(events), kind="chat", n=1, loop=LoopConfig(), client_usage=False,

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from governor.api.deps import PoolDep, ReadinessDep, metrics_auth
 from governor.errors import EngineUnavailable
-from governor.metrics import engine as engine_metrics
 
 router = APIRouter(tags=["ops"])
 
@@ -31,6 +31,8 @@ async def ready(readiness: ReadinessDep, pool: PoolDep) -> dict[str, Any]:
 
 @router.get("/metrics", dependencies=[Depends(metrics_auth)])
 async def metrics(request: Request, pool: PoolDep) -> Response:
-    own = generate_latest(request.app.state.metrics.registry)
-    merged = await engine_metrics.scrape(pool.engines)
+    engines = asyncio.ensure_future(request.app.state.engine_scraper.scrape(pool.engines))
+    await asyncio.sleep(0)  # let the engine fetches go out, then render the gateway's own while they run
+    own = request.app.state.metrics.render()
+    merged = await engines
     return Response(own + merged.encode(), media_type=CONTENT_TYPE_LATEST)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from governor.engine.base import EngineClient, EngineState
+from governor.metrics.families import Families
 
 # Latency buckets sized for LLM serving: TTFT from ~5 ms (GPU, short prompt) to minutes (queued on CPU).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -17,30 +18,31 @@ OTHER = "other"
 
 
 class GatewayMetrics:
-    """Counters and histograms the gateway updates per request."""
+    """Counters and histograms the gateway updates per request (fast families), plus a prometheus_client
+    registry for the collectors read at scrape time (engines, GPU, adapters)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.families = f = Families()
         labels = ("model", "endpoint")
-        self.requests = Counter(
-            "governor_requests", "Requests finished, by model or adapter, endpoint and HTTP status.",
-            (*labels, "status"), registry=r,
-        )  # fmt: skip
-        self.in_flight = Gauge("governor_requests_in_flight", "Requests being served now.", registry=r)
-        self.latency = Histogram(
-            "governor_request_duration_seconds", "End-to-end request latency.", labels,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.ttft = Histogram(
-            "governor_time_to_first_token_seconds", "Time from request to the first generated token.", labels,
-            buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter("governor_prompt_tokens", "Prompt tokens processed.", ("model",), registry=r)
-        self.output_tokens = Counter("governor_output_tokens", "Output tokens generated.", ("model",), registry=r)
-        self.loops_cut = Counter(
-            "governor_loops_detected", "Generations cut because they looped.", ("model",), registry=r
+        self.requests = f.counter(
+            "governor_requests",
+            "Requests finished, by model or adapter, endpoint and HTTP status.",
+            (*labels, "status"),
         )
+        self.in_flight = f.gauge("governor_requests_in_flight", "Requests being served now.").labels()
+        self.latency = f.histogram(
+            "governor_request_duration_seconds", "End-to-end request latency.", labels, LATENCY_BUCKETS
+        )
+        self.ttft = f.histogram(
+            "governor_time_to_first_token_seconds",
+            "Time from request to the first generated token.",
+            labels,
+            TTFT_BUCKETS,
+        )
+        self.prompt_tokens = f.counter("governor_prompt_tokens", "Prompt tokens processed.", ("model",))
+        self.output_tokens = f.counter("governor_output_tokens", "Output tokens generated.", ("model",))
+        self.loops_cut = f.counter("governor_loops_detected", "Generations cut because they looped.", ("model",))
         self._known: Callable[[], Iterable[str]] = lambda: ()
 
     def bound_labels(self, known: Callable[[], Iterable[str]]) -> None:
@@ -51,12 +53,11 @@ class GatewayMetrics:
         return name if name in set(self._known()) else OTHER
 
     def total_output_tokens(self) -> float:
-        total = 0.0
-        for metric in self.output_tokens.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    total += sample.value
-        return total
+        return sum(series.value for _, series in self.output_tokens.series())
+
+    def render(self) -> bytes:
+        """The gateway's own exposition (text format 0.0.4)."""
+        return self.families.render() + generate_latest(self.registry)
 
 
 class EngineCollector(Collector):
