@@ -1,12 +1,13 @@
 """Re-exports each engine's `vllm:*` metrics with an `engine` label.
 
 Text-level rewrite rather than parse-and-render: a vLLM scrape is tens of KB of histograms, and the
-prometheus_client parser is pure Python; label injection on lines keeps a scrape in the low ms.
+prometheus_client parser is pure Python; a few regex passes over the whole text take ~0.2 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 
@@ -17,43 +18,37 @@ from governor.metrics.families import Families
 ENGINE_WAIT_SECONDS = 0.01
 
 
-def _label_line(line: str, label: str) -> str:
-    # vLLM labels samples with its own `engine` (data-parallel index); keep it as `vllm_engine`.
-    line = line.replace('{engine="', '{vllm_engine="', 1).replace(',engine="', ',vllm_engine="', 1)
-    brace = line.find("{")
-    space = line.find(" ")
-    if brace != -1 and (space == -1 or brace < space):
-        return line[: brace + 1] + label + ("," if line[brace + 1] != "}" else "") + line[brace + 1 :]
-    return line[:space] + "{" + label + "}" + line[space:]
+_FAMILY = "\n# HELP "
+_COMMENT = re.compile(r"\n#[^\n]*")
 
 
-def _is_created(line: str) -> bool:
-    """A `<name>_created` sample: the creation timestamp prometheus_client adds to counters and histograms."""
-    return line.split("{", 1)[0].split(" ", 1)[0].endswith("_created")
-
-
-def _families(text: str, engine: str) -> dict[str, list[str]]:
-    """Lines grouped by family (a `# HELP` starts one), samples relabelled."""
+def _relabel(text: str, engine: str) -> str:
+    """Every vllm:* sample gets ``engine="<engine>"``; vLLM's own `engine` label (its data-parallel
+    index) becomes `vllm_engine`; `_created` samples go: prometheus_client's creation timestamps,
+    which the gateway disables for itself (app.py) and no dashboard reads. Other families are
+    dropped later, so their lines are left alone. ~1 µs a line (a regex sub with a template was 3x that)."""
+    text = text.replace('{engine="', '{vllm_engine="').replace(',engine="', ',vllm_engine="')
     label = f'engine="{engine}"'
-    families: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if not line:
-            continue
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            name = line.split(" ", 3)[2]
-            current = families.get(name)
-            if current is None:
-                current = families[name] = []
-            if not any(existing.startswith(line[:7]) for existing in current if existing.startswith("#")):
-                current.append(line)
-            continue
-        if line.startswith("#") or current is None:
-            continue
-        if "_created" in line and _is_created(line):
-            continue  # vLLM keeps them; the gateway disables its own (app.py): no dashboard reads them
-        current.append(_label_line(line, label))
-    return families
+    first, only = "{" + label + ",", "{" + label + "}"
+    out = []
+    for line in text.split("\n"):
+        if line[:5] == "vllm:":
+            space = line.find(" ")
+            if space < 0:
+                continue  # no value: not a sample
+            name_end = line.find("{", 0, space)
+            if name_end < 0:
+                name_end = space
+            if line[name_end - 8 : name_end] == "_created":
+                continue
+            if name_end == space:
+                line = line[:space] + only + line[space:]
+            elif line[name_end + 1] == "}":
+                line = line[:name_end] + only + line[name_end + 2 :]
+            else:
+                line = line[:name_end] + first + line[name_end + 1 :]
+        out.append(line)
+    return "\n".join(out)
 
 
 def merge(texts: Sequence[tuple[str, str | None]]) -> str:
@@ -62,14 +57,18 @@ def merge(texts: Sequence[tuple[str, str | None]]) -> str:
     for engine, text in texts:
         if not text:
             continue
-        for name, lines in _families(text, engine).items():
-            if not name.startswith("vllm:"):
+        for block in ("\n" + _relabel(text.rstrip("\n"), engine)).split(_FAMILY)[
+            1:
+        ]:  # before the first HELP: no family
+            name = block.split(" ", 1)[0]
+            if not name.startswith("vllm:") or name.endswith("_created"):
                 continue  # process/python metrics of the engine would collide with the gateway's own
-            target = merged.setdefault(name, [])
-            if target:
-                lines = [ln for ln in lines if not ln.startswith("#")]
-            target.extend(lines)
-    return "".join(line + "\n" for lines in merged.values() for line in lines)
+            target = merged.get(name)
+            if target is None:
+                merged[name] = [_FAMILY, block]
+            else:  # another engine's (or a repeated) family: its samples only
+                target.append(_COMMENT.sub("", "\n" + block.partition("\n")[2]))
+    return "".join(part for parts in merged.values() for part in parts)[1:] + "\n" if merged else ""
 
 
 class EngineScraper:
