@@ -49,6 +49,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         finally:
             if registry is not None:
                 await registry.stop()
+            await engine_scraper.close()
             await pool.stop()
             gpu.close()
 

@@ -1,4 +1,4 @@
-"""EngineScraper: a slow engine never makes /metrics slow; its last copy is served, with its age."""
+"""EngineScraper: a slow engine never makes /metrics slow; copies are refreshed in the background while scraped."""
 
 from __future__ import annotations
 
@@ -40,35 +40,56 @@ async def timed(scraper: EngineScraper, engines: list[SlowEngine]) -> tuple[floa
     return time.monotonic() - start, samples(text)
 
 
-async def test_slow_engine_gets_its_last_copy_within_the_budget_then_fresh_text() -> None:
+async def test_scrapes_serve_the_copy_while_the_background_refresh_keeps_it_recent() -> None:
     engine = SlowEngine("e0")
-    scraper = EngineScraper(wait=0.01)
-    engine.delay, engine.running = 0.2, 1
-    took, first = await timed(scraper, [engine])
-    assert took >= 0.2, "with no copy yet the first scrape waits for the engine"
-    assert first[("vllm:num_requests_running", "e0")] == 1
-    engine.delay, engine.running = 0.5, 2
-    took, second = await timed(scraper, [engine])
-    assert took < 0.2, took
-    assert second[("vllm:num_requests_running", "e0")] == 1  # the previous copy
-    assert second[("governor_engine_metrics_age_seconds", "e0")] > 0
-    took, third = await timed(scraper, [engine])  # the fetch from the second scrape is still running
-    assert engine.fetches == 2, "never two fetches of one engine at once"
-    assert took < 0.2 and third[("vllm:num_requests_running", "e0")] == 1
-    await asyncio.sleep(0.6)
-    engine.delay = 0.0
-    took, fourth = await timed(scraper, [engine])
-    assert fourth[("vllm:num_requests_running", "e0")] == 2
-    assert fourth[("governor_engine_metrics_age_seconds", "e0")] < 0.1
+    scraper = EngineScraper(refresh=0.2)
+    try:
+        engine.delay, engine.running = 0.3, 1
+        took, first = await timed(scraper, [engine])
+        assert took >= 0.3, "with no copy yet the first scrape waits for the engine"
+        assert first[("vllm:num_requests_running", "e0")] == 1
+        engine.running = 2  # a slow engine: every fetch takes 0.3 s
+        for _ in range(5):
+            took, again = await timed(scraper, [engine])
+            assert took < 0.05, took
+            assert again[("governor_engine_metrics_age_seconds", "e0")] < 0.2 + 0.3 + 0.1
+        await asyncio.sleep(0.6)
+        took, later = await timed(scraper, [engine])
+        assert took < 0.05 and later[("vllm:num_requests_running", "e0")] == 2
+        fetches = engine.fetches
+        await asyncio.sleep(1.0)
+        assert engine.fetches - fetches <= 3, "one fetch per refresh period, never overlapping"
+    finally:
+        await scraper.close()
+
+
+async def test_refresh_stops_without_scrapes_and_restarts_fresh() -> None:
+    engine = SlowEngine("e0")
+    scraper = EngineScraper(refresh=0.05, idle_stop=0.2)
+    try:
+        await timed(scraper, [engine])
+        await asyncio.sleep(0.5)
+        fetches = engine.fetches
+        await asyncio.sleep(0.3)
+        assert engine.fetches == fetches, "nobody scrapes: the engine is left alone"
+        engine.running = 5
+        _, fresh = await timed(scraper, [engine])
+        assert fresh[("vllm:num_requests_running", "e0")] == 5
+    finally:
+        await scraper.close()
 
 
 async def test_engine_down_drops_its_series_and_keeps_the_others() -> None:
     up, down = SlowEngine("up"), SlowEngine("down")
-    scraper = EngineScraper(wait=0.01)
-    _, both = await timed(scraper, [up, down])
-    assert ("vllm:num_requests_running", "down") in both
-    down.down = True
-    _, after = await timed(scraper, [up, down])
-    assert ("vllm:num_requests_running", "down") not in after
-    assert ("governor_engine_metrics_age_seconds", "down") not in after
-    assert ("vllm:num_requests_running", "up") in after
+    scraper = EngineScraper(refresh=0.05)
+    try:
+        _, both = await timed(scraper, [up, down])
+        assert ("vllm:num_requests_running", "down") in both
+        down.down = True
+        await asyncio.sleep(0.2)
+        _, after = await timed(scraper, [up, down])
+        assert ("vllm:num_requests_running", "down") not in after
+        assert ("governor_engine_metrics_age_seconds", "down") not in after
+        assert ("vllm:num_requests_running", "up") in after
+    finally:
+        await scraper.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -31,8 +30,5 @@ async def ready(readiness: ReadinessDep, pool: PoolDep) -> dict[str, Any]:
 
 @router.get("/metrics", dependencies=[Depends(metrics_auth)])
 async def metrics(request: Request, pool: PoolDep) -> Response:
-    engines = asyncio.ensure_future(request.app.state.engine_scraper.scrape(pool.engines))
-    await asyncio.sleep(0)  # let the engine fetches go out, then render the gateway's own while they run
-    own = request.app.state.metrics.render()
-    merged = await engines
-    return Response(own + merged.encode(), media_type=CONTENT_TYPE_LATEST)
+    merged = await request.app.state.engine_scraper.scrape(pool.engines)
+    return Response(request.app.state.metrics.render() + merged.encode(), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ prometheus_client parser is pure Python; a few regex passes over the whole text 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Sequence
@@ -14,8 +15,8 @@ from collections.abc import Sequence
 from governor.engine.base import EngineClient
 from governor.metrics.families import Families
 
-# How long a scrape waits for an engine's fresh metrics before it uses the previous copy.
-ENGINE_WAIT_SECONDS = 0.01
+# How often each engine's /metrics is fetched while Governor is being scraped.
+ENGINE_REFRESH_SECONDS = 1.0
 
 
 _FAMILY = "\n# HELP "
@@ -72,52 +73,73 @@ def merge(texts: Sequence[tuple[str, str | None]]) -> str:
 
 
 class EngineScraper:
-    """Fetches the engines' /metrics for a gateway scrape within a time budget.
+    """Keeps a recent copy of each engine's /metrics, so that Governor's scrape never waits for one.
 
-    A busy engine answers its /metrics late (its API server is streaming tokens), and a slow engine
-    must not make Governor's /metrics slow. A scrape waits at most ``wait`` seconds for fresh text
-    from an engine it has a copy of; an engine that has not answered by then contributes that last
-    copy, and its fetch goes on in the background to refresh it for the next scrape (never two at
-    once). ``governor_engine_metrics_age_seconds`` says how old each engine's copy was.
+    vLLM renders its /metrics in ~10 ms idle and later when busy (its API server is streaming tokens);
+    a slow engine must not make Governor's /metrics slow. While Governor is being scraped, a
+    background task refreshes every engine's copy each ``refresh`` seconds (one /metrics request per
+    engine per period, whatever the number of scrapers), and a scrape only merges the copies. The task
+    stops after ``idle_stop`` seconds without a scrape; the scrape that starts it (the first, or the
+    first after a long idle) waits for fresh copies. ``governor_engine_metrics_age_seconds`` says how
+    old each engine's copy is; an engine whose fetch fails has no copy (its series go, and
+    ``governor_engine_up`` says why).
     """
 
-    def __init__(self, wait: float = ENGINE_WAIT_SECONDS) -> None:
-        self.wait = wait
+    def __init__(self, refresh: float = ENGINE_REFRESH_SECONDS, idle_stop: float = 300.0) -> None:
+        self.refresh = refresh
+        self.idle_stop = idle_stop
+        self._engines: Sequence[EngineClient] = ()
         self._copies: dict[str, tuple[float, str]] = {}  # engine -> (fetched at, text)
-        self._fetches: dict[str, asyncio.Task[None]] = {}
+        self._merged: str | None = None  # merge of the current copies
+        self._task: asyncio.Task[None] | None = None
+        self._last_scrape = 0.0
         self._families = Families()
         self._age = self._families.gauge(
             "governor_engine_metrics_age_seconds",
-            "Age of each engine's vllm:* metrics in this scrape (a slow engine's last copy is served).",
+            "Age of each engine's vllm:* metrics in this scrape (refreshed in the background while scraped).",
             ("engine",),
         )
 
-    async def _fetch(self, engine: EngineClient) -> None:
+    async def _fetch_all(self) -> None:
+        engines = list(self._engines)
+        texts = await asyncio.gather(*(engine.metrics_text() for engine in engines))
+        now = time.monotonic()
+        for engine, text in zip(engines, texts, strict=True):
+            if text is None:
+                self._copies.pop(engine.name, None)
+            else:
+                self._copies[engine.name] = (now, text)
+        self._merged = None
+
+    async def _poll(self) -> None:
         try:
-            text = await engine.metrics_text()
+            while time.monotonic() - self._last_scrape < self.idle_stop:
+                await asyncio.sleep(self.refresh)
+                await self._fetch_all()
         finally:
-            del self._fetches[engine.name]
-        if text is None:
-            self._copies.pop(engine.name, None)  # down: its series go, governor_engine_up says why
-        else:
-            self._copies[engine.name] = (time.monotonic(), text)
+            self._task = None
 
     async def scrape(self, engines: Sequence[EngineClient]) -> str:
-        for engine in engines:
-            if engine.name not in self._fetches:
-                self._fetches[engine.name] = asyncio.ensure_future(self._fetch(engine))
-        running = [self._fetches[e.name] for e in engines if e.name in self._fetches]
-        if running:
-            # without a copy to fall back on, wait for the fetch itself (it has its own timeout)
-            first = any(e.name not in self._copies for e in engines)
-            await asyncio.wait(running, timeout=None if first else self.wait)
+        self._last_scrape = time.monotonic()
+        self._engines = engines
+        if self._task is None:
+            await self._fetch_all()
+            self._task = asyncio.ensure_future(self._poll())
+        if self._merged is None:
+            self._merged = merge(
+                [(e.name, self._copies[e.name][1] if e.name in self._copies else None) for e in engines]
+            )
         now = time.monotonic()
-        texts: list[tuple[str, str | None]] = []
         for engine in engines:
             copy = self._copies.get(engine.name)
-            texts.append((engine.name, copy[1] if copy else None))
             if copy is None:
                 self._age.remove(engine.name)
             else:
                 self._age.labels(engine.name).set(now - copy[0])
-        return merge(texts) + self._families.render().decode()
+        return self._merged + self._families.render().decode()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
