@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -148,6 +149,25 @@ async def test_loop_is_cut_streaming_and_trimmed_when_not(gateway: GatewayFactor
     assert r.text.rstrip().endswith("data: [DONE]")
     metrics = (await gw.client.get("/metrics")).text
     assert 'governor_loops_detected_total{model="fake-model"} 2.0' in metrics
+
+
+async def test_finished_streams_reuse_the_engine_connection_and_cut_ones_close_it(gateway: GatewayFactory) -> None:
+    loop = [w + " " for w in ("The tide comes in and the tide goes out. " * 20).split(" ") if w]
+    gw = await gateway(script=loop, delay=0.01)  # still generating when the cut comes
+    for preset in ("off", "balanced"):
+        for _ in range(3):
+            r = await gw.client.post("/v1/chat/completions",
+                                     json=chat_body(max_tokens=8, stream=True, decoding_preset=preset))  # fmt: skip
+            assert r.text.rstrip().endswith("data: [DONE]")
+    assert len(set(gw.fake.peers)) == 1, gw.fake.peers  # one pooled connection for all six
+    r = await gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=500, stream=True))
+    assert '"stop_reason":"loop_detected"' in r.text
+    deadline = time.monotonic() + 5
+    while gw.fake.aborted < 1:  # the cut closed the connection: the engine stops generating
+        assert time.monotonic() < deadline, "the engine was not told to stop"
+        await asyncio.sleep(0.05)
+    await gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=4, stream=True))
+    assert gw.fake.peers[-1] != gw.fake.peers[-2]  # the cut request's connection is gone
 
 
 async def test_draining_refuses_new_requests(gateway: GatewayFactory) -> None:

@@ -45,6 +45,7 @@ class FakeEngine:
         self.aborted = 0
         self.active = 0
         self.loaded: dict[str, str] = {}
+        self.peers: list[object] = []  # client address of each generation request (connection reuse)
         self.app = web.Application()
         self.app.add_routes([
             web.get("/health", self.health), web.get("/v1/models", self.models), web.get("/metrics", self.metrics),
@@ -85,6 +86,7 @@ class FakeEngine:
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         if self.script is not None:
             texts = self.script[:n_tokens]
@@ -117,7 +119,9 @@ class FakeEngine:
                                         "total_tokens": 4 + len(texts)}}  # fmt: skip
                 await resp.write(b"data: " + orjson.dumps(usage_body) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            self.aborted += 1  # the client closed the stream: what vLLM takes as an abort
+        except asyncio.CancelledError:
             self.aborted += 1
             raise
         finally:

@@ -23,7 +23,8 @@ class Upstream(Protocol):
 
     async def read(self) -> bytes: ...
 
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        """End the exchange: stops the generation unless the response was read to its end."""
 
 
 ReadyHook = Callable[["EngineClient"], Awaitable[None]]

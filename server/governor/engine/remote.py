@@ -44,9 +44,12 @@ class HttpUpstream:
             self._response.release()
 
     def abort(self) -> None:
-        # close(), not release(): release would drain the stream to reuse the connection, while
+        # A response read to its end gives its connection back to the pool; any other is closed:
         # closing the socket is what makes vLLM abort the request and free its KV cache.
-        self._response.close()
+        if self._response.content.is_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
 
 class RemoteEngine:
