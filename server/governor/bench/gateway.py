@@ -68,14 +68,18 @@ async def _wait_ready(url: str, timeout: float) -> None:
 
 async def interleaved(direct_url: str, gateway_url: str, body: dict[str, object], concurrency: int, total: int,
                       reps: int, label: str, gateway_extra: dict[str, object]) -> Pair:  # fmt: skip
-    """direct, gateway, direct, gateway…: drifts (thermal, caches) hit both sides alike."""
+    """direct, gateway, gateway, direct, direct…: each repetition is a pair, and the order alternates, so
+    a drift (thermal, caches, a neighbour on the machine) or going second does not favour one side."""
     pair = Pair(label, [], [])
     warm = max(2, concurrency // 4)
     await run_load(direct_url, body, concurrency, warm)
     await run_load(gateway_url, {**body, **gateway_extra}, concurrency, warm)
-    for _ in range(reps):
-        pair.direct.append(await run_load(direct_url, body, concurrency, total))
-        pair.gateway.append(await run_load(gateway_url, {**body, **gateway_extra}, concurrency, total))
+    for rep in range(reps):
+        for side in ("direct", "gateway") if rep % 2 == 0 else ("gateway", "direct"):
+            if side == "direct":
+                pair.direct.append(await run_load(direct_url, body, concurrency, total))
+            else:
+                pair.gateway.append(await run_load(gateway_url, {**body, **gateway_extra}, concurrency, total))
     return pair
 
 
