@@ -190,6 +190,14 @@ def test_completions_get_the_models_template_stops() -> None:
     assert out["stop"] == ["<|im_end|>", "<|im_start|>"]
 
 
+def test_ignore_eos_leaves_out_the_template_stops_but_keeps_the_clients(policy: Policy) -> None:
+    out = policy.build({**COMPLETION, "ignore_eos": True}, kind="completions").body
+    assert "stop" not in out and "stop_token_ids" not in out
+    out = policy.build({**COMPLETION, "ignore_eos": True, "stop": ["END"], "stop_token_ids": [7]},
+                       kind="completions").body  # fmt: skip
+    assert out["stop"] == ["END"] and out["stop_token_ids"] == [7]
+
+
 def test_special_token_stops_become_stop_token_ids(policy: Policy) -> None:
     out = policy.build({**COMPLETION, "stop": ["END"], "stop_token_ids": [7]}, kind="completions").body
     assert out["stop"] == ["END"]

@@ -159,9 +159,12 @@ class Policy:
         out = dict(body)
         for key in consumed:
             del out[key]
-        if plan.stops:
+        # `ignore_eos` asks for max_tokens whatever the model says (benchmarks rely on it): the template's
+        # end-of-turn stops Governor adds are the model's EOS by another name, so they are left out too.
+        template_stops = out.get("ignore_eos") is not True
+        if plan.stops and template_stops:
             out["stop"] = self._merge_stops(out.get("stop"), plan.stops)
-        if plan.stop_ids:
+        if plan.stop_ids and template_stops:
             out["stop_token_ids"] = self._merge_stop_ids(out.get("stop_token_ids"), plan.stop_ids)
         if decoding.xargs:
             client = out.get("vllm_xargs")  # only present when the operator allows it
