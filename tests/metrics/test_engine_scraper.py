@@ -93,3 +93,16 @@ async def test_engine_down_drops_its_series_and_keeps_the_others() -> None:
         assert ("vllm:num_requests_running", "up") in after
     finally:
         await scraper.close()
+
+
+async def test_concurrent_first_scrapes_start_one_refresher() -> None:
+    engine = SlowEngine("e0")
+    engine.delay = 0.05
+    scraper = EngineScraper(refresh=0.1)
+    try:
+        results = await asyncio.gather(*(timed(scraper, [engine]) for _ in range(5)))
+        assert all(("vllm:num_requests_running", "e0") in found for _, found in results)
+        await asyncio.sleep(0.55)
+        assert engine.fetches <= 6, "one fetch now and one per refresh period, not one set per scrape"
+    finally:
+        await scraper.close()

@@ -92,6 +92,7 @@ class EngineScraper:
         self._copies: dict[str, tuple[float, str]] = {}  # engine -> (fetched at, text)
         self._merged: str | None = None  # merge of the current copies
         self._task: asyncio.Task[None] | None = None
+        self._fetched = asyncio.Event()  # set once the running poller's first fetch is done
         self._last_scrape = 0.0
         self._families = Families()
         self._age = self._families.gauge(
@@ -111,20 +112,25 @@ class EngineScraper:
                 self._copies[engine.name] = (now, text)
         self._merged = None
 
-    async def _poll(self) -> None:
+    async def _poll(self, fetched: asyncio.Event) -> None:
         try:
-            while time.monotonic() - self._last_scrape < self.idle_stop:
-                await asyncio.sleep(self.refresh)
+            while True:
                 await self._fetch_all()
+                fetched.set()
+                if time.monotonic() - self._last_scrape >= self.idle_stop:
+                    return
+                await asyncio.sleep(self.refresh)
         finally:
+            fetched.set()  # a failed fetch must not leave a scrape waiting
             self._task = None
 
     async def scrape(self, engines: Sequence[EngineClient]) -> str:
         self._last_scrape = time.monotonic()
         self._engines = engines
-        if self._task is None:
-            await self._fetch_all()
-            self._task = asyncio.ensure_future(self._poll())
+        if self._task is None:  # one poller, however many scrapes arrive while it starts
+            self._fetched = asyncio.Event()
+            self._task = asyncio.ensure_future(self._poll(self._fetched))
+        await self._fetched.wait()
         if self._merged is None:
             self._merged = merge(
                 [(e.name, self._copies[e.name][1] if e.name in self._copies else None) for e in engines]
