@@ -1,7 +1,7 @@
 """Re-exports each engine's `vllm:*` metrics with an `engine` label.
 
 Text-level rewrite rather than parse-and-render: a vLLM scrape is tens of KB of histograms, and the
-prometheus_client parser is pure Python; a few regex passes over the whole text take ~0.2 ms.
+prometheus_client parser is pure Python; one pass over the lines takes ~0.5 ms for vLLM's ~40 KB.
 """
 
 from __future__ import annotations
@@ -58,9 +58,8 @@ def merge(texts: Sequence[tuple[str, str | None]]) -> str:
     for engine, text in texts:
         if not text:
             continue
-        for block in ("\n" + _relabel(text.rstrip("\n"), engine)).split(_FAMILY)[
-            1:
-        ]:  # before the first HELP: no family
+        blocks = ("\n" + _relabel(text.rstrip("\n"), engine)).split(_FAMILY)
+        for block in blocks[1:]:  # what precedes the first HELP belongs to no family
             name = block.split(" ", 1)[0]
             if not name.startswith("vllm:") or name.endswith("_created"):
                 continue  # process/python metrics of the engine would collide with the gateway's own

@@ -25,7 +25,7 @@ from governor.engine.base import Upstream
 from governor.errors import DeadlineExceeded, EngineUnavailable, GovernorError
 from governor.stream.assemble import Assembler
 from governor.stream.loop_detector import LoopConfig, LoopDetector, trim_to_first_copy
-from governor.stream.sse import DONE, EventSplitter, done_at, error_event, event, payloads, raw_event
+from governor.stream.sse import DONE, SEP, EventSplitter, done_at, error_event, event, payloads, raw_event
 
 log = logging.getLogger("governor.stream")
 
@@ -37,7 +37,6 @@ _USAGE_FIELD = b',"usage":{'
 _FINISH_NULL = b'"finish_reason":null'
 _FINISH_SET = b'"finish_reason":"'
 _NO_CHOICES = b'"choices":[]'
-_SEP = b"\n\n"
 # Patterns over whole blocks of events. A key pattern cannot match inside a JSON string (its quotes
 # would be escaped there), so the first `"content":"` (chat) or `"text":"` (completions) of each
 # event is its delta's text (logprobs use `"content":[`). The string patterns are "unrolled" (runs
@@ -114,8 +113,7 @@ class Relay:
             raise EngineUnavailable("The engine stopped while generating; the response is incomplete.") from exc
         raise EngineUnavailable("The engine closed the stream early; the response is incomplete.")
 
-    def _note_usage(self, obj: dict[str, Any]) -> None:
-        usage = obj.get("usage")
+    def _note_usage(self, usage: dict[str, Any] | None) -> None:
         if usage:
             self.stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.stats.completion_tokens = int(usage.get("completion_tokens") or 0)
@@ -206,7 +204,7 @@ class Relay:
             for payload in payloads(block[cut:]):
                 if _USAGE in payload or _VLLM_REPETITION in payload:
                     obj = orjson.loads(payload)
-                    self._note_usage(obj)
+                    self._note_usage(obj.get("usage"))
                     if _VLLM_REPETITION in payload:
                         self._scan(obj)
                         payload = orjson.dumps(obj)
@@ -243,7 +241,7 @@ class Relay:
                 if text and self._detector(0).feed(text) is not None:
                     return out, [0]
             else:
-                cut = block.find(_SEP) + 2
+                cut = block.find(SEP) + 2
                 events, looping = self._parsed_block(block[:cut])
                 out += events
                 if looping:
@@ -253,11 +251,10 @@ class Relay:
 
     def _plain_block(self, block: bytes) -> tuple[bytes, str]:
         """Plain events (one choice, mid-generation) on bytes: (block to send, its text)."""
-        last = _USAGE_FIELDS.match(block, block.rfind(_USAGE_FIELD)) if _USAGE_FIELD in block else None
+        at = block.rfind(_USAGE_FIELD)
+        last = _USAGE_FIELDS.match(block, at) if at >= 0 else None
         if last is not None:  # Governor's continuous usage: note the latest, strip it unless the client asked
-            usage = orjson.loads(last[0][len(_USAGE_FIELD) - 1 :])
-            self.stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.stats.completion_tokens = int(usage.get("completion_tokens") or 0)
+            self._note_usage(orjson.loads(last[0][len(_USAGE_FIELD) - 1 :]))
             if not self.client_continuous:
                 block = _USAGE_FIELDS.sub(b"", block)
         raw = b"".join(self._texts.findall(block))
@@ -275,7 +272,7 @@ class Relay:
             obj = orjson.loads(payload)
             if not self._head:
                 self._head = {k: obj.get(k) for k in ("id", "created", "model")}
-            self._note_usage(obj)
+            self._note_usage(obj.get("usage"))
             usage_only = not obj.get("choices")
             self._drop_cut(obj)
             if usage_only and not self.client_usage:
@@ -298,7 +295,7 @@ class Relay:
         try:
             async for payload in self._payloads():
                 obj = orjson.loads(payload)
-                self._note_usage(obj)
+                self._note_usage(obj.get("usage"))
                 self._drop_cut(obj)
                 looping = self._scan(obj)
                 assembler.add(obj)
@@ -327,15 +324,15 @@ class Relay:
 
 def _plain_prefix(block: bytes) -> int:
     """Length of the leading run of plain events (one choice, mid-generation) in a block."""
-    if block.count(_SEP) == block.count(_FINISH_NULL):
+    if block.count(SEP) == block.count(_FINISH_NULL):
         return len(block)
     # usually the last events: a finish reason, then the usage-only chunk
     start = _event_start(block, _FINISH_SET, _NO_CHOICES)
-    if block.count(_SEP, 0, start) == block.count(_FINISH_NULL, 0, start):
+    if block.count(SEP, 0, start) == block.count(_FINISH_NULL, 0, start):
         return start
     start = 0
     while True:
-        end = block.find(_SEP, start) + 2
+        end = block.find(SEP, start) + 2
         if block.find(_FINISH_NULL, start, end) < 0:
             return start
         start = end
@@ -346,7 +343,7 @@ def _event_start(block: bytes, *markers: bytes) -> int:
     found = [at for at in (block.find(marker) for marker in markers) if at >= 0]
     if not found:
         return len(block)
-    at = block.rfind(_SEP, 0, min(found))
+    at = block.rfind(SEP, 0, min(found))
     return at + 2 if at >= 0 else 0
 
 

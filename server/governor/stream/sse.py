@@ -9,7 +9,7 @@ import orjson
 from governor.errors import GovernorError, error_body
 
 DONE = b"data: [DONE]\n\n"
-_SEP = b"\n\n"
+SEP = b"\n\n"  # ends every event
 _NEXT = b"\n\ndata: "
 
 
@@ -25,17 +25,17 @@ class EventSplitter:
         """The events completed by ``chunk``, as one block in vLLM's shape: `data: <payload>\n\n` each.
         A JSON payload holds no raw newline, so counting newlines proves the shape without a split."""
         buf = self._buf + chunk if self._buf else chunk
-        cut = buf.rfind(_SEP)
+        cut = buf.rfind(SEP)
         if cut < 0:
             self._buf = buf
             return b""
         block, self._buf = buf[: cut + 2], buf[cut + 2 :]
-        seps = block.count(_SEP)
+        seps = block.count(SEP)
         if block[:6] == b"data: " and block.count(b"\n") == 2 * seps and block.count(_NEXT) == seps - 1:
             return block
         # tolerate CRLF, `data:` without the space, several lines and comment lines anyway
         out = []
-        for part in block.split(_SEP)[:-1]:
+        for part in block.split(SEP)[:-1]:
             for line in part.split(b"\n"):
                 line = line.rstrip(b"\r")
                 if line.startswith(b"data:"):
@@ -49,23 +49,23 @@ class EventSplitter:
 
 def payloads(block: bytes) -> list[bytes]:
     """The payloads of a block from :meth:`EventSplitter.feed_block`."""
-    return [part[6:] for part in block.split(_SEP)[:-1]]
+    return [part[6:] for part in block.split(SEP)[:-1]]
 
 
 def done_at(block: bytes) -> int:
     """Where the [DONE] event starts in a block, else -1 (payloads hold no raw newline: no false hit)."""
     if block.startswith(DONE):
         return 0
-    at = block.find(_SEP + DONE)
+    at = block.find(SEP + DONE)
     return at + 2 if at >= 0 else -1
 
 
 def event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + _SEP
+    return b"data: " + orjson.dumps(payload) + SEP
 
 
 def raw_event(payload: bytes) -> bytes:
-    return b"data: " + payload + _SEP
+    return b"data: " + payload + SEP
 
 
 def error_event(exc: GovernorError) -> bytes:
