@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from vllm import SamplingParams
 
 from governor.processors.dry import DRYLogitsProcessor
+from governor.processors.extra_args import encode_ids, parse_ids
 from governor.processors.ngram import NoRepeatNGramLogitsProcessor
 from governor.processors.window_penalty import WindowedRepetitionPenaltyLogitsProcessor
 
@@ -96,13 +97,13 @@ VALID = {
     "gov_dry_base": 1.75,
     "gov_dry_allowed_length": 2,
     "gov_dry_range": 0,
-    "gov_dry_breakers": [0, 13],
+    "gov_dry_breakers": "0,13",
     "gov_ngram_size": 3,
     "gov_ngram_window": 3.0,
     "gov_rep_penalty": 1.2,
     "gov_rep_window": 64,
     "gov_rep_scope": "all",
-    "gov_rep_exempt": [],
+    "gov_rep_exempt": "",
 }
 
 
@@ -124,8 +125,10 @@ def test_valid_params_pass(cls: type, extra_args: dict[str, Any] | None) -> None
         (DRYLogitsProcessor, "gov_dry_allowed_length", 1.5),
         (DRYLogitsProcessor, "gov_dry_range", -3),
         (DRYLogitsProcessor, "gov_dry_breakers", 5),
-        (DRYLogitsProcessor, "gov_dry_breakers", [1, -2]),
-        (DRYLogitsProcessor, "gov_dry_breakers", ["a"]),
+        (DRYLogitsProcessor, "gov_dry_breakers", "1,-2"),
+        (DRYLogitsProcessor, "gov_dry_breakers", "a"),
+        (DRYLogitsProcessor, "gov_dry_breakers", "1,,2"),
+        (DRYLogitsProcessor, "gov_dry_breakers", [1, 2]),  # the old list form: 0.25 completions refuses it
         (NoRepeatNGramLogitsProcessor, "gov_ngram_size", -1),
         (NoRepeatNGramLogitsProcessor, "gov_ngram_size", "3"),
         (NoRepeatNGramLogitsProcessor, "gov_ngram_window", -1),
@@ -133,8 +136,11 @@ def test_valid_params_pass(cls: type, extra_args: dict[str, Any] | None) -> None
         (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_penalty", float("inf")),
         (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_window", -5),
         (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_scope", "prompt"),
-        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", [3, True]),
-        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", "1,2"),
+        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", [3]),
+        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", "1, 2"),
+        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", "1,2,"),
+        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", "+3"),
+        (WindowedRepetitionPenaltyLogitsProcessor, "gov_rep_exempt", True),
     ],
 )
 def test_invalid_params_name_the_field(cls: type, key: str, value: Any) -> None:
@@ -143,6 +149,17 @@ def test_invalid_params_name_the_field(cls: type, key: str, value: Any) -> None:
         cls.validate_params(SamplingParams(extra_args={key: value}))
     with pytest.raises(ValueError, match=f"^{key}: "):
         cls.validate_params(SamplingParams(extra_args={**VALID, key: value}))
+
+
+@pytest.mark.parametrize("ids", [[], [0], [198, 25, 7], list(range(0, 50000, 997))])
+def test_token_ids_round_trip_as_one_string(ids: list[int]) -> None:
+    encoded = encode_ids(ids)
+    assert isinstance(encoded, str)
+    assert parse_ids(encoded, "k") == frozenset(ids)
+
+
+def test_token_ids_none_and_empty_mean_none() -> None:
+    assert parse_ids(None, "k") == parse_ids("", "k") == frozenset()
 
 
 def test_extra_args_module_imports_without_torch_or_vllm() -> None:
@@ -159,5 +176,6 @@ def test_vllm_loads_the_processors_by_the_names_the_engine_flags_use() -> None:
 
     assert _load_custom_logitsprocs(tuple(FQCNS)) == PROCESSORS
     validate_logits_processors_parameters(tuple(FQCNS), SamplingParams(extra_args=VALID))
-    with pytest.raises(VLLMValidationError, match="gov_rep_scope"):
+    # 0.32 wraps the processor's ValueError in VLLMValidationError, 0.25 passes it on; both answer 400.
+    with pytest.raises((VLLMValidationError, ValueError), match="gov_rep_scope"):
         validate_logits_processors_parameters(tuple(FQCNS), SamplingParams(extra_args={"gov_rep_scope": "x"}))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from governor.processors.dry import DRYLogitsProcessor
+from governor.processors.extra_args import encode_ids
 
 from .harness import BatchSim, make_processor, random_session
 
@@ -22,7 +23,7 @@ def dry_reference(prompt: list[int], output: list[int], args: dict[str, Any], ro
     base = float(args.get("gov_dry_base", 1.75))
     allowed_length = int(args.get("gov_dry_allowed_length", 2))
     lookback = int(args.get("gov_dry_range", 0))
-    breakers = set(args.get("gov_dry_breakers", []))
+    breakers = {int(t) for t in args.get("gov_dry_breakers", "").split(",") if t}
     input_ids = prompt + output
     if lookback > 0:
         input_ids = input_ids[-lookback:]
@@ -64,7 +65,7 @@ def random_dry_args(rng: random.Random) -> dict[str, Any] | None:
     if rng.random() < 0.5:
         args["gov_dry_range"] = rng.choice([0, 4, 9])
     if rng.random() < 0.4:
-        args["gov_dry_breakers"] = rng.sample(range(VOCAB), 2)
+        args["gov_dry_breakers"] = encode_ids(rng.sample(range(VOCAB), 2))
     return args
 
 
@@ -88,7 +89,7 @@ def test_hand_computed_penalty() -> None:
 
 def test_breaker_stops_the_match() -> None:
     sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
-    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 2.0, "gov_dry_allowed_length": 2, "gov_dry_breakers": [2]}
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 2.0, "gov_dry_allowed_length": 2, "gov_dry_breakers": "2"}
     sim.add(0, args, [1, 2, 3, 4], [1, 2, 3])
     sim.flush()
     logits = torch.zeros(1, VOCAB)

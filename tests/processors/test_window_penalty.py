@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from governor.processors.extra_args import encode_ids
 from governor.processors.window_penalty import WindowedRepetitionPenaltyLogitsProcessor
 
 from .harness import BatchSim, make_processor, random_session
@@ -22,7 +23,8 @@ def penalty_reference(prompt: list[int], output: list[int], args: dict[str, Any]
     sequence = prompt + output if args.get("gov_rep_scope") == "all" else output
     if window:
         sequence = sequence[-window:]
-    tokens = {t for t in sequence if t < row.shape[0]} - set(args.get("gov_rep_exempt", []))
+    exempt = {int(t) for t in args.get("gov_rep_exempt", "").split(",") if t}
+    tokens = {t for t in sequence if t < row.shape[0]} - exempt
     if penalty <= 1 or not tokens:
         return row
     index = torch.tensor(sorted(tokens))
@@ -41,7 +43,7 @@ def random_penalty_args(rng: random.Random) -> dict[str, Any] | None:
         args["gov_rep_scope"] = rng.choice(["output", "all"])
     if rng.random() < 0.4:
         # Ids past the vocabulary are accepted and ignored.
-        args["gov_rep_exempt"] = [*rng.sample(range(VOCAB), 3), VOCAB + 7]
+        args["gov_rep_exempt"] = encode_ids([*rng.sample(range(VOCAB), 3), VOCAB + 7])
     return args
 
 
@@ -76,7 +78,7 @@ def test_positive_divided_negative_multiplied() -> None:
 
 def test_exempt_ids_are_never_penalised() -> None:
     logits = torch.full((1, VOCAB), 2.0)
-    got = _apply_once({"gov_rep_penalty": 2.0, "gov_rep_exempt": [1]}, [], [0, 1, 1, 1], logits)
+    got = _apply_once({"gov_rep_penalty": 2.0, "gov_rep_exempt": "1"}, [], [0, 1, 1, 1], logits)
     assert got[0, 0].item() == 1.0
     assert got[0, 1].item() == 2.0
 

@@ -338,7 +338,7 @@ class Policy:
             xargs[xa.DRY_RANGE] = fields.get("dry_range", 0)
             breakers = self.info.breaker_ids(fields.get("dry_breakers") or ())
             if breakers:
-                xargs[xa.DRY_BREAKERS] = list(breakers)
+                xargs[xa.DRY_BREAKERS] = xa.encode_ids(breakers)
         if fields.get("ngram_size", 0) > 0:
             xargs[xa.NGRAM_SIZE] = fields["ngram_size"]
             xargs[xa.NGRAM_WINDOW] = fields.get("ngram_window", 0)
@@ -348,7 +348,7 @@ class Policy:
             xargs[xa.REP_SCOPE] = fields.get("rep_scope", xa.REP_SCOPES[0])
             ids = self._exempt_ids(tuple(exempt), bool(fields.get("rep_exempt_digits_punct")))
             if ids:
-                xargs[xa.REP_EXEMPT] = ids
+                xargs[xa.REP_EXEMPT] = xa.encode_ids(ids)
 
         loop = None
         if fields.get("loop_detection", False):

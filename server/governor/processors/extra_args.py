@@ -1,14 +1,19 @@
 """Per-request anti-loop settings carried in ``SamplingParams.extra_args``.
 
 Deliberately free of torch and vLLM imports so the HTTP layer can validate a request (and name
-the offending field) without loading the engine stack. Values are flat ``str | int | float |
-list[int]`` because that is all vLLM's ``vllm_xargs`` passes through.
+the offending field) without loading the engine stack.
+
+Values are scalars (``str | int | float``) because that is all every supported vLLM passes through:
+0.25's ``CompletionRequest`` types ``vllm_xargs`` as ``dict[str, str | int | float]`` and refuses a
+list with a 400 (see ``governor.engine.compat``). Token-id lists therefore travel as one
+comma-separated string ("198,25"; "" = none), written by :func:`encode_ids` and read back by
+:func:`parse_ids`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 DRY_MULTIPLIER = "gov_dry_multiplier"
@@ -94,18 +99,38 @@ def _integer(args: ExtraArgs, key: str, default: int, minimum: int) -> int:
     return value
 
 
-def _token_ids(args: ExtraArgs, key: str) -> frozenset[int]:
-    value = _present(args, key)
+def encode_ids(ids: Iterable[int]) -> str:
+    """Token ids as the scalar ``vllm_xargs`` value :func:`parse_ids` reads: ``[198, 25]`` -> ``"198,25"``."""
+    return ",".join(map(str, ids))
+
+
+def parse_ids(value: object, key: str) -> frozenset[int]:
+    """Token ids from an :func:`encode_ids` string (None or "" = none); ValueError names ``key``.
+
+    Lists are refused, not tolerated: Governor is the only producer and always encodes, so a list
+    here means something bypassed :func:`encode_ids`. Refusing it makes that regression fail on every
+    vLLM version and endpoint (0.32 and 0.25's chat type would pass a list through, 0.25's completions
+    type refuses it), so the CPU test suite catches what would otherwise only break on a 0.25 GPU box.
+    """
     if value is None:
         return frozenset()
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"{key}: must be a list of token ids, got {type(value).__name__}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"{key}: token ids must be integers, got {item!r}")
-        if item < 0:
-            raise ValueError(f"{key}: token ids must be >= 0, got {item}")
-    return frozenset(value)
+    if not isinstance(value, str):
+        raise ValueError(
+            f'{key}: must be a comma-separated string of token ids like "198,25", got {type(value).__name__}'
+        )
+    if not value:
+        return frozenset()
+    ids: set[int] = set()
+    for item in value.split(","):
+        # ASCII digits only: int() would also take " 7", "+7", "7_0" and non-ASCII digits.
+        if not (item.isascii() and item.isdigit()):
+            raise ValueError(f"{key}: token ids must be non-negative integers separated by commas, got {item!r}")
+        ids.add(int(item))
+    return frozenset(ids)
+
+
+def _token_ids(args: ExtraArgs, key: str) -> frozenset[int]:
+    return parse_ids(_present(args, key), key)
 
 
 def parse_dry(args: ExtraArgs) -> DRYConfig | None:
