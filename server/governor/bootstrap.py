@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from governor import embedded
+from governor.engine import compat
 from governor.engine.base import EngineClient
 from governor.engine.flags import detect_device, engine_command, engine_env
 from governor.engine.pool import EnginePool
@@ -40,6 +41,7 @@ def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
     model, served, local = resolve_model(settings)
     device = detect_device(settings.device)
     log.info("engine profile: %s; model: %s (served as '%s')", device, model, served)
+    compat.warn_if_unsupported(log)
     engines = []
     for i in range(settings.engines):
         port = settings.engine_port + i if settings.engine_port else free_port()
