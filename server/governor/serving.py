@@ -189,7 +189,8 @@ class GenerationService:
         released = False
         try:
             relay = Relay(upstream, kind=ctx.kind, n=n, loop=decision.loop, client_usage=req.wants_usage,
-                          client_continuous=req.wants_continuous_usage)  # fmt: skip
+                          client_continuous=req.wants_continuous_usage, request_id=ctx.request_id,
+                          on_error=self.metrics.stream_error)  # fmt: skip
             headers = {"X-Request-Id": ctx.request_id}
             if req.stream:
                 released = True

@@ -43,6 +43,9 @@ class GatewayMetrics:
         self.prompt_tokens = f.counter("governor_prompt_tokens", "Prompt tokens processed.", ("model",))
         self.output_tokens = f.counter("governor_output_tokens", "Output tokens generated.", ("model",))
         self.loops_cut = f.counter("governor_loops_detected", "Generations cut because they looped.", ("model",))
+        self.stream_errors = f.counter(
+            "governor_stream_errors", "Responses that failed after they started, by reason.", ("reason",)
+        )
         self._known: Callable[[], Iterable[str]] = lambda: ()
 
     def bound_labels(self, known: Callable[[], Iterable[str]]) -> None:
@@ -51,6 +54,10 @@ class GatewayMetrics:
 
     def model_label(self, name: str) -> str:
         return name if name in set(self._known()) else OTHER
+
+    def stream_error(self, reason: str) -> None:
+        """Counts one failed response; `reason` is one of the relay's fixed set (bounded)."""
+        self.stream_errors.labels(reason).inc()
 
     def total_output_tokens(self) -> float:
         return sum(series.value for _, series in self.output_tokens.series())

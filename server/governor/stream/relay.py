@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,17 @@ from governor.engine.base import Upstream
 from governor.errors import DeadlineExceeded, EngineUnavailable, GovernorError
 from governor.stream.assemble import Assembler
 from governor.stream.loop_detector import LoopConfig, LoopDetector, trim_to_first_copy
-from governor.stream.sse import DONE, SEP, EventSplitter, done_at, error_event, event, payloads, raw_event
+from governor.stream.sse import (
+    DONE,
+    SEP,
+    EventSplitter,
+    done_at,
+    error_event,
+    event,
+    payloads,
+    raw_event,
+    split_error,
+)
 
 log = logging.getLogger("governor.stream")
 
@@ -37,6 +47,11 @@ _USAGE_FIELD = b',"usage":{'
 _FINISH_NULL = b'"finish_reason":null'
 _FINISH_SET = b'"finish_reason":"'
 _NO_CHOICES = b'"choices":[]'
+# Errors are rare: a substring test per block finds the blocks that may hold vLLM's in-stream error event
+# (`{"error": {...}}`); only those are parsed for it. Text cannot match: its quotes are escaped.
+_ERROR = b'"error"'
+# Why a stream failed, the `reason` label of governor_stream_errors_total (a fixed set: bounded).
+REASONS = ("upstream_error", "engine_unavailable", "deadline", "bad_event", "internal")
 # Patterns over whole blocks of events. A key pattern cannot match inside a JSON string (its quotes
 # would be escaped there), so the first `"content":"` (chat) or `"text":"` (completions) of each
 # event is its delta's text (logprobs use `"content":[`). The string patterns are "unrolled" (runs
@@ -57,6 +72,7 @@ class RelayStats:
     first_token_at: float | None = None
     loops_cut: int = 0
     outcome: str = "ok"  # ok | loop | error | deadline | disconnect
+    error: str | None = None  # one of REASONS when the stream failed
 
 
 class Relay:
@@ -71,8 +87,12 @@ class Relay:
         loop: LoopConfig | None,
         client_usage: bool,
         client_continuous: bool,
+        request_id: str = "-",
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.upstream = upstream
+        self.request_id = request_id
+        self.on_error = on_error  # counts a failure by reason (governor_stream_errors_total)
         self.kind = kind
         self.n = max(1, n)
         self.loop = loop
@@ -100,6 +120,13 @@ class Relay:
                 block = splitter.feed_block(chunk)
                 if not block:
                     continue
+                if _ERROR in block:
+                    block, error = split_error(block)
+                    if error is not None:
+                        if block:
+                            yield block  # the events before the error still reach the client
+                        self.stats.error = "upstream_error"
+                        raise error
                 end = done_at(block)
                 if end >= 0:
                     if end:
@@ -182,12 +209,32 @@ class Relay:
             else:
                 async for out in self._stream_checked():
                     yield out
-        except GovernorError as exc:
-            self.stats.outcome = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
-            log.warning("stream ended with error: %s", exc.message)
-            yield error_event(exc) + DONE
+        except Exception as exc:  # whatever fails, the client gets an error event and [DONE], never silence
+            yield error_event(self._failed(exc)) + DONE
         finally:
             self.upstream.abort()
+
+    def _failed(self, exc: Exception) -> GovernorError:
+        """Record, log and count a failure; the error the client sees."""
+        if isinstance(exc, GovernorError):
+            error = exc
+            reason = self.stats.error or ("deadline" if isinstance(exc, DeadlineExceeded) else "engine_unavailable")
+        else:
+            # an upstream event Governor cannot read (or a bug of its own): the answer is incomplete either way
+            if isinstance(exc, orjson.JSONDecodeError):
+                reason, code, what = "bad_event", "bad_upstream_event", "The engine sent an unreadable event"
+            else:
+                reason, code, what = "internal", "internal_error", "Internal error while relaying (see the server log)"
+            error = EngineUnavailable(f"{what}; the response is incomplete.", code=code)
+        self.stats.outcome = "deadline" if reason == "deadline" else "error"
+        self.stats.error = reason
+        if self.on_error is not None:
+            self.on_error(reason)
+        log.warning(
+            "stream failed: %s", error.message, exc_info=not isinstance(exc, GovernorError),
+            extra={"request_id": self.request_id, "reason": reason, "status": error.status},
+        )  # fmt: skip
+        return error
 
     async def _payloads(self) -> AsyncIterator[bytes]:
         async for block in self._blocks():
@@ -309,9 +356,11 @@ class Relay:
                 if looping and len(self._finished) >= self.n:
                     self.stats.outcome = "loop"
                     break
-        except GovernorError:
-            self.stats.outcome = "error"
-            raise
+        except Exception as exc:
+            error = self._failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             self.upstream.abort()
         if assembler.usage is None or self.stats.outcome == "loop":

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from governor.errors import GovernorError, error_body
+from governor.errors import EngineUnavailable, GovernorError, error_body, from_status
 
 DONE = b"data: [DONE]\n\n"
 SEP = b"\n\n"  # ends every event
@@ -71,3 +71,34 @@ def raw_event(payload: bytes) -> bytes:
 def error_event(exc: GovernorError) -> bytes:
     """An error inside a stream: the OpenAI envelope as an event (openai-python raises APIError on it)."""
     return event(error_body(exc))
+
+
+def split_error(block: bytes) -> tuple[bytes, GovernorError | None]:
+    """Finds vLLM's in-stream error event in a block: (the events before it, the error), else (block, None).
+    vLLM sends `data: {"error": {"message", "type", "param", "code": <HTTP status>}}` then [DONE] when a
+    request fails after its 200 was sent (a parameter the engine refuses, a generation error)."""
+    start = 0
+    for part in block.split(SEP)[:-1]:
+        error = upstream_error(part[6:]) if b'"error"' in part else None
+        if error is not None:
+            return block[:start], error
+        start += len(part) + len(SEP)
+    return block, None
+
+
+def upstream_error(payload: bytes) -> GovernorError | None:
+    """An error event's payload as Governor's error (its message and 4xx status kept, 5xx → 503), else None."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or "error" not in obj or "choices" in obj:
+        return None
+    err = obj["error"] if isinstance(obj["error"], dict) else {"message": obj["error"]}
+    message = str(err.get("message") or "The engine reported an error.")[:2000]
+    code = err.get("code")
+    status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 500
+    exc = from_status(status, message) if status < 500 else EngineUnavailable(f"Engine error: {message}")
+    param = err.get("param")
+    exc.param = param if isinstance(param, str) else None
+    return exc
