@@ -79,12 +79,32 @@ def register_processors(bench_app: typer.Typer) -> None:
         waves: int = typer.Option(1, min=1, help="Requests per run = waves x concurrency."),
         lora: bool = typer.Option(False, help="Start the engines with LoRA enabled."),
         eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),
+        synthetic: bool = typer.Option(False, help="No engine: time the processors' steps directly."),
+        device: str = typer.Option("", help="Synthetic: torch device (default cuda when available, else cpu)."),
+        batch: list[int] = typer.Option([8, 64, 256, 1024], help="Synthetic: batch sizes (repeatable)."),
+        prompt_tokens: int = typer.Option(1024, min=1, help="Synthetic: prompt tokens per row."),
+        output_tokens: int = typer.Option(1024, min=16, help="Synthetic: output tokens per row by the last step."),
+        steps: int = typer.Option(10, min=1, help="Synthetic: measured steps per configuration."),
+        only: list[str] = typer.Option([], help="Synthetic: dry, ngram, window_penalty, balanced, strict."),
+        reference: bool = typer.Option(False, help="Synthetic: time the slow per-row reference processors."),
     ) -> None:
-        """Throughput with the anti-loop processors active / plain, and loaded-but-unused / absent."""
-        from governor.bench import processors as bench
+        """Throughput with the anti-loop processors active / plain, and loaded-but-unused / absent;
+        --synthetic: per-step milliseconds and python_scaling without an engine."""
         from governor.settings import Settings
 
         settings = Settings(lora=lora, enforce_eager=eager)
+        if synthetic:
+            import torch
+
+            from governor.bench import processors_synthetic as synth
+
+            name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            impl = "reference" if reference else ""
+            for line in synth.run(settings, name, batch, prompt_tokens, output_tokens, steps, only, impl):
+                typer.echo(line)
+            return
+        from governor.bench import processors as bench
+
         for line in bench.run(settings, concurrency, reps, waves):
             typer.echo(line)
 
