@@ -27,18 +27,32 @@ def swap_weights(factory: AdapterFactory, folder: Path) -> None:
     tmp.replace(folder / "adapter_model.safetensors")
 
 
+def assert_staged(engine_path: str, source: Path, tmp_path: Path) -> Path:
+    """The engine was given Governor's read-only copy under the state dir, byte-equal to `source`'s files."""
+    staged = Path(engine_path)
+    assert staged.parent == tmp_path / "state" / "staged", engine_path
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (staged / name).read_bytes() == (source / name).read_bytes()
+        assert (staged / name).stat().st_mode & 0o222 == 0  # read-only
+    assert staged.stat().st_mode & 0o222 == 0
+    return staged
+
+
 def state(registry: AdapterRegistry, name: str) -> str:
     return next(a["state"] for a in registry.list() if a["name"] == name)
 
 
-async def test_load_then_target(make_registry: Make, engine: Engine, root: Path, factory: AdapterFactory) -> None:
+async def test_load_then_target(
+    make_registry: Make, engine: Engine, root: Path, factory: AdapterFactory, tmp_path: Path
+) -> None:
     factory.copy("good", root / "a")
     (root / "a" / "governor.json").write_text('{"preset": "strict"}')
     registry = make_registry()
     await registry.start()
     info = await registry.load("a", "a")
     assert info["state"] == "ready" and info["version"] == 1 and info["upstream_name"] == "a"
-    assert engine.fake.loaded == {"a": str((root / "a").resolve())}
+    assert set(engine.fake.loaded) == {"a"}
+    assert_staged(engine.fake.loaded["a"], root / "a", tmp_path)
     target = await registry.target("a")
     assert target is not None
     assert (target.public_name, target.upstream_model, target.adapter) == ("a", "a", "a")
@@ -269,7 +283,8 @@ async def test_persistence_round_trip(
     assert sorted((e["name"], e["path"], e["pinned"], e["source"]) for e in saved["adapters"]) == [
         ("a", "a", True, "api"), ("b", "b", False, "api"),
     ]  # fmt: skip
-    assert [p.name for p in (tmp_path / "state").iterdir()] == ["adapters.json"]  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["adapters.json", "staged"]  # no temp files
+    assert not [p for p in (tmp_path / "state" / "staged").iterdir() if p.name.startswith(".")]
 
     engine.fake.loaded.clear()  # a fresh gateway against a fresh engine
     second = make_registry()

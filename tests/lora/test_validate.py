@@ -13,6 +13,7 @@ import pytest
 from governor.errors import AdapterNotFound, GovernorError, InvalidRequest, PayloadTooLarge
 from governor.lora import validate as validate_mod
 from governor.lora.base_model import BaseModelInfo
+from governor.lora.staging import AdapterStager
 from governor.lora.validate import AdapterValidator, check_name, header_parses
 from tests.lora.factory import BASE_NAME, AdapterFactory, edit_config
 
@@ -57,7 +58,12 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def validator(root: Path, base: BaseModelInfo, **kw: Any) -> AdapterValidator:
-    return AdapterValidator(root, base, kw.get("max_rank", 16), kw.get("max_bytes", 64 * 1024 * 1024))
+    """A validator staging its copies next to the root (root/../staged)."""
+    stager = AdapterStager(root.parent / "staged", refusal=kw.get("refusal", ""))
+    return AdapterValidator(
+        root, base, kw.get("max_rank", 16), kw.get("max_bytes", 64 * 1024 * 1024), stager,
+        require_base_name=kw.get("require_base_name", False),
+    )  # fmt: skip
 
 
 def refused(v: AdapterValidator, name: str, path: str) -> GovernorError:
@@ -67,7 +73,9 @@ def refused(v: AdapterValidator, name: str, path: str) -> GovernorError:
 
 
 def assert_untouched(folder: Path, opened: list[str], root: Path) -> None:
-    assert all(Path(p).resolve().is_relative_to(root.resolve()) for p in opened), opened
+    staged = (root.parent / "staged").resolve()  # Governor's own copies
+    assert all(Path(p).resolve().is_relative_to(root.resolve()) or Path(p).resolve().is_relative_to(staged)
+               for p in opened), opened  # fmt: skip
     for file in folder.iterdir():
         assert file.stat().st_atime_ns == 0, f"{file} was read"
 

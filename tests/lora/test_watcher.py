@@ -37,7 +37,7 @@ async def test_existing_folders_are_registered_and_loaded_at_start(
 
 
 async def test_new_folder_loaded_changed_reloaded_removed_unloaded(
-    make_registry: Make, engine: Engine, root: Path, factory: AdapterFactory
+    make_registry: Make, engine: Engine, root: Path, factory: AdapterFactory, tmp_path: Path
 ) -> None:
     registry = make_registry(watch_adapters=True)
     await registry.start()
@@ -50,7 +50,8 @@ async def test_new_folder_loaded_changed_reloaded_removed_unloaded(
     factory.copy("good", root / "new")  # copied file by file: the watcher waits for it to settle
 
     await wait_until(lambda: states(registry).get("new") == "ready", 15, "new folder loaded")
-    assert engine.fake.loaded == {"new": str((root / "new").resolve())}
+    assert set(engine.fake.loaded) == {"new"}
+    assert Path(engine.fake.loaded["new"]).parent == tmp_path / "state" / "staged"  # Governor's copy
     assert registry.known_names() == ["new"]
     assert registry.list()[0]["source"] == "watch"
 

@@ -33,7 +33,7 @@ class Version:
 
     internal: str
     number: int
-    fingerprint: tuple[int, ...]
+    fingerprint: str  # digest of its staged copy, which it holds a reference to until unloaded
     engines: dict[str, int] = field(default_factory=dict)  # engine name → engine generation it was loaded in
     leases: int = 0  # requests in flight on this version
     retired: str | None = None  # unload reason once replaced/removed; unloaded when leases reach 0
@@ -57,6 +57,7 @@ class Adapter:
     last_used: float = 0.0  # wall clock, for display
     lru: int = 0  # registry tick of the last use: eviction order, immune to clock jumps
     load_seconds: float | None = None
+    loaded_once: bool = False  # only adapters that loaded at least once are persisted
 
     def describe(self) -> dict[str, Any]:
         """The admin API's view."""

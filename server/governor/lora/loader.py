@@ -3,6 +3,9 @@ retires replaced or removed versions once their last request finishes. Callers h
 
 `slots` serialises "make room + engine load" across names so two loads never both take the last slot;
 victims are taken only when their own lock is free, so no lock ever waits on another.
+
+The engine is given the staged copy validation made (staging.py), never the user's folder; a version holds a
+reference to its copy until it is unloaded, so the copy lives exactly as long as an engine may read it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from governor.engine.base import EngineClient, EngineState
 from governor.engine.pool import EnginePool
@@ -37,6 +40,7 @@ class AdapterLoader:
         adapters: dict[str, Adapter],
         lock: Callable[[str], asyncio.Lock],
         served: Callable[[], str],
+        first_load: Callable[[Adapter], None] = lambda a: None,
     ) -> None:
         self.pool = pool
         self.validator = validator
@@ -45,6 +49,10 @@ class AdapterLoader:
         self.adapters = adapters  # the registry's dict, shared: eviction picks victims from it
         self.lock = lock
         self.served = served
+        self.first_load = first_load  # the registry persists adapters once they have loaded
+        self.stager = validator.stager
+        # Called between validation and the engine load; tests widen that window with it.
+        self.after_validation: Callable[[ValidatedAdapter], Awaitable[None]] | None = None
         self.numbers: dict[str, int] = {}  # last version number per name: internal names are never reused
         self._slots = asyncio.Lock()
         self._tick = 0
@@ -65,6 +73,19 @@ class AdapterLoader:
         except GovernorError as exc:
             self.fail(a, exc, serving)
             raise
+        previous = a.current
+        try:
+            if self.after_validation is not None:
+                await self.after_validation(checked)
+            await self._load_checked(a, checked, engines, before, occupying, serving, started)
+        finally:
+            if a.current is previous:  # no new version took over validation's reference to the staged copy
+                self.stager.release(checked.fingerprint)
+
+    async def _load_checked(
+        self, a: Adapter, checked: ValidatedAdapter, engines: list[EngineClient], before: AdapterState,
+        occupying: bool, serving: bool, started: float,
+    ) -> None:  # fmt: skip
         v = a.current
         if v is not None and v.fingerprint == checked.fingerprint:
             missing = [e for e in engines if v.engines.get(e.name) != e.generation]
@@ -83,7 +104,7 @@ class AdapterLoader:
             try:
                 if not occupying:
                     await self.make_room(a)
-                await self._engine_load(v, missing, checked)
+                await self._engine_load(v, missing)
             except (EngineUnavailable, Conflict):
                 a.state = before  # not the adapter's fault: keep its state, the caller may retry
                 raise
@@ -101,12 +122,16 @@ class AdapterLoader:
         self.metrics.loads.labels("ok").inc()
         self.metrics.load_seconds.observe(elapsed)
         log.info("adapter loaded", extra={"adapter": a.name, "upstream": v.internal, "seconds": round(elapsed, 4)})
+        if not a.loaded_once:
+            a.loaded_once = True
+            self.first_load(a)
 
-    async def _engine_load(self, v: Version, engines: list[EngineClient], checked: ValidatedAdapter) -> None:
+    async def _engine_load(self, v: Version, engines: list[EngineClient]) -> None:
         loaded: list[EngineClient] = []
+        path = self.stager.engine_path(v.fingerprint)
         try:
             for engine in engines:
-                await load_on(engine, v.internal, checked.folder)
+                await load_on(engine, v.internal, path)
                 v.engines[engine.name] = engine.generation
                 loaded.append(engine)
         except GovernorError:
@@ -169,7 +194,10 @@ class AdapterLoader:
             return
         v.unloaded = True
         had = bool(v.engines)
-        await self.unload_engines(v)
+        try:
+            await self.unload_engines(v)
+        finally:
+            self.stager.release(v.fingerprint)  # no engine reads this version's copy any more
         if had:
             self.metrics.unloads.labels(v.retired or "api").inc()
             log.info("adapter version unloaded", extra={"upstream": v.internal, "reason": v.retired})

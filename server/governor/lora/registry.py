@@ -22,10 +22,11 @@ from governor.lora.adapter import Adapter, AdapterState, Source, Version
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.loader import AdapterLoader
 from governor.lora.metrics import AdapterMetrics
+from governor.lora.staging import AdapterStager
 from governor.lora.store import RegistryStore
 from governor.lora.validate import AdapterValidator, check_name, is_temporary
 from governor.lora.watcher import AdapterWatcher
-from governor.serving import Target
+from governor.target import Target
 from governor.settings import Settings
 
 log = logging.getLogger("governor.lora")
@@ -47,7 +48,11 @@ class AdapterRegistry:
         self.pool = pool
         self.base = base
         self.root = Path(settings.adapters_dir).expanduser().resolve()
-        self.validator = AdapterValidator(self.root, base, settings.max_lora_rank, settings.max_adapter_bytes)
+        self.stager = make_stager(settings)
+        self.validator = AdapterValidator(
+            self.root, base, settings.max_lora_rank, settings.max_adapter_bytes, self.stager,
+            require_base_name=settings.require_adapter_base_name,
+        )  # fmt: skip
         self.store = RegistryStore(settings.resolved_state_dir)
         self.metrics = AdapterMetrics(lambda: [a.state for a in list(self._adapters.values())])
         if metrics_registry is not None:
@@ -55,7 +60,14 @@ class AdapterRegistry:
         self._adapters: dict[str, Adapter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.loader = AdapterLoader(
-            pool, self.validator, self.metrics, settings.max_loras, self._adapters, self._lock, self._served
+            pool,
+            self.validator,
+            self.metrics,
+            settings.max_loras,
+            self._adapters,
+            self._lock,
+            self._served,
+            first_load=lambda a: self._persist(),
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: AdapterWatcher | None = None
@@ -107,19 +119,26 @@ class AdapterRegistry:
     async def load(self, name: str, path: str, pin: bool | None = None, source: Source = "api") -> dict[str, Any]:
         """Register (or re-register) and load now; a changed folder becomes a new version (hot swap)."""
         self._require_lora()
-        check_name(name, self._served())
+        try:
+            check_name(name, self._served())
+        except InvalidRequest as exc:
+            self.metrics.loads.labels("failed").inc()
+            log.warning("adapter load refused: %s", exc.message)
+            raise
         async with self._lock(name):
             a = self._adapters.get(name)
             if a is None or a.path != path:
                 old = a
                 a = self._register(name, path, source, pinned=old is not None and old.pinned)
                 if old is not None:  # same name, new folder: carry the loaded version so it is swapped, not leaked
-                    a.current, a.state, a.lru = old.current, old.state, old.lru
+                    a.current, a.state, a.lru, a.loaded_once = old.current, old.state, old.lru, old.loaded_once
             a.source = source if source == "api" else a.source
             if pin is not None:
                 self._set_pin(a, pin)
-            self._persist()
-            await self.loader.load_locked(a)
+            try:
+                await self.loader.load_locked(a)
+            finally:
+                self._persist()  # only adapters that loaded once are written: a refused one leaves no trace
             return a.describe()
 
     async def unload(self, name: str) -> dict[str, Any]:
@@ -157,7 +176,6 @@ class AdapterRegistry:
                 log.warning("folder %r ignored: %s", folder_name, exc.message)
                 return
             a = self._register(folder_name, folder_name, "watch", pinned=False)
-            self._persist()
             log.info("adapter folder appeared", extra={"adapter": folder_name})
         elif a.state in (AdapterState.DISCOVERED, AdapterState.EVICTED):
             return  # not loaded: it is validated afresh when next used
@@ -197,13 +215,16 @@ class AdapterRegistry:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             log.warning("adapters root %s unavailable: %s", self.root, exc)
+        self.stager.clear()  # copies left by an earlier run: every load below stages afresh
+        if self.stager.refusal:
+            log.warning("%s", self.stager.refusal)
         for entry in self.store.load():
             try:
                 check_name(entry["name"])
             except InvalidRequest:
                 log.warning("ignoring persisted adapter with an invalid name: %r", entry["name"])
                 continue
-            self._register(entry["name"], entry["path"], entry["source"], entry["pinned"])
+            self._register(entry["name"], entry["path"], entry["source"], entry["pinned"]).loaded_once = entry["loaded"]
         if self.settings.watch_adapters:
             for a in [x for x in self._adapters.values() if x.source == "watch" and not x.folder.is_dir()]:
                 del self._adapters[a.name]
@@ -336,8 +357,10 @@ class AdapterRegistry:
             )
 
     def _persist(self) -> None:
+        # Adapters that loaded at least once (evicted and pinned ones included); pinned, then recent, first.
+        kept = sorted((a for a in self._adapters.values() if a.loaded_once), key=lambda a: (not a.pinned, -a.lru))
         try:
-            self.store.save([a.persisted() for a in self._adapters.values()])
+            self.store.save([a.persisted() for a in kept])
         except OSError as exc:
             log.error("could not save adapter state to %s: %s", self.store.path, exc)
 
@@ -356,3 +379,19 @@ class AdapterRegistry:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("adapter background task failed", exc_info=task.exception())
+
+
+def make_stager(settings: Settings) -> AdapterStager:
+    """Staged copies under the state dir; with a remote engine only in a directory the operator says it shares."""
+    if settings.staging_dir is not None:
+        return AdapterStager(settings.staging_dir, settings.engine_staging_dir, private=False)
+    root = settings.resolved_state_dir / "staged"
+    if settings.engine_url:
+        refusal = (
+            "Adapters are refused: the engine is remote (GOVERNOR_ENGINE_URL) and it is given only Governor's "
+            "validated copies of adapters, which it must be able to read. Set GOVERNOR_STAGING_DIR to a "
+            "directory both Governor and the engine see (and GOVERNOR_ENGINE_STAGING_DIR if the engine mounts "
+            "it at another path)."
+        )
+        return AdapterStager(root, refusal=refusal)
+    return AdapterStager(root)

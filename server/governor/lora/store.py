@@ -1,4 +1,6 @@
-"""The registry's persisted state: which adapters are registered, from where, and which are pinned."""
+"""The registry's persisted state: adapters that loaded at least once, from where, and which are pinned.
+
+Bounded: at most MAX_ENTRIES entries are written or read, and a file over MAX_BYTES is ignored."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ from typing import Any
 
 log = logging.getLogger("governor.lora")
 
-FORMAT = 1
+# Format 1 also held adapters that never loaded (refused admin loads among them): its entries are replayed once
+# as not yet loaded, so those that fail again are not written back.
+FORMAT = 2
+MAX_ENTRIES = 1024
+MAX_BYTES = 4 * 1024 * 1024
 
 
 class RegistryStore:
@@ -24,6 +30,9 @@ class RegistryStore:
     def load(self) -> list[dict[str, Any]]:
         """The saved entries; an unreadable file is logged and treated as empty (never blocks a start)."""
         try:
+            if self.path.stat().st_size > MAX_BYTES:
+                log.warning("ignoring adapter state %s: larger than %d bytes", self.path, MAX_BYTES)
+                return []
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
@@ -34,16 +43,21 @@ class RegistryStore:
         if not isinstance(entries, list):
             log.warning("ignoring adapter state %s: no 'adapters' list", self.path)
             return []
+        loaded = isinstance(data, dict) and data.get("format") == FORMAT
         out = []
-        for entry in entries:
+        for entry in entries[:MAX_ENTRIES]:
             if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("path"), str):
                 out.append({
                     "name": entry["name"], "path": entry["path"], "pinned": bool(entry.get("pinned")),
-                    "source": "watch" if entry.get("source") == "watch" else "api",
+                    "source": "watch" if entry.get("source") == "watch" else "api", "loaded": loaded,
                 })  # fmt: skip
         return out
 
     def save(self, entries: list[dict[str, Any]]) -> None:
+        """Write the first MAX_ENTRIES entries (callers order them by importance)."""
+        if len(entries) > MAX_ENTRIES:
+            log.warning("adapter state holds the first %d of %d adapters", MAX_ENTRIES, len(entries))
+            entries = entries[:MAX_ENTRIES]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"format": FORMAT, "adapters": entries}, indent=1, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(prefix=".adapters-", suffix=".tmp", dir=self.path.parent)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from governor.engine.base import EngineClient
@@ -27,9 +26,10 @@ def engine_message(body: Any) -> str:
     return str(body or "no message")[:2000]
 
 
-async def load_on(engine: EngineClient, internal: str, folder: Path) -> None:
-    """Load one adapter version; EngineUnavailable if the engine cannot be reached, InvalidRequest if it refuses."""
-    body = {"lora_name": internal, "lora_path": str(folder)}
+async def load_on(engine: EngineClient, internal: str, path: str) -> None:
+    """Load one adapter version from `path` (its staged copy as the engine sees it); EngineUnavailable if the
+    engine cannot be reached, InvalidRequest if it refuses."""
+    body = {"lora_name": internal, "lora_path": path}
     status, answer = await engine.request_json("POST", "/v1/load_lora_adapter", body, timeout=LOAD_TIMEOUT)
     if status == 400 and "already been loaded" in engine_message(answer):
         # Left over from an earlier gateway run against the same engine: replace it so the weights are ours.

@@ -1,24 +1,32 @@
 """Adapter validation, before an engine sees anything: name, path containment, file types, size, rank,
 base model and target modules. Every refusal is a typed error whose message says what to fix.
 
-No file outside the adapters root is ever opened: each path is resolved (symlinks followed, which reads
-links but opens nothing) and checked to lie inside the root first. Pickle weights are refused, never
-unpickled; the safetensors header is parsed by the safetensors library, which runs no code.
+No file outside the adapters root is ever opened: the folder is resolved (symlinks followed, which reads
+links but opens nothing) and checked to lie inside the root first; its files are then copied into a staged
+directory Governor owns (staging.py: no symlink followed, regular files only) and every check runs on that
+copy, the one the engine is given. Pickle weights are refused, never unpickled or copied; the safetensors
+header is parsed by the safetensors library, which runs no code. Adapter-supplied regexes run on RE2
+(linear time), never on Python's backtracking `re`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+import re2
 from safetensors import SafetensorError, safe_open
 
-from governor.errors import AdapterNotFound, GovernorError, InvalidRequest, PayloadTooLarge
+from governor.errors import AdapterNotFound, GovernorError, InvalidRequest
 from governor.lora.base_model import BaseModelInfo, last_component, layer_index
+from governor.lora.staging import AdapterStager, Member
+
+log = logging.getLogger("governor.lora")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CONFIG = "adapter_config.json"
@@ -27,6 +35,8 @@ PROFILE = "governor.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CONFIG_LIMIT = 1024 * 1024
 PROFILE_LIMIT = 64 * 1024
+PATTERN_LIMIT = 256  # target_modules as a regex: longer ones are refused before compiling
+_RE2_MEMORY = 1 << 20  # bytes RE2 may use for one compiled pattern; bigger programs are refused
 _TENSOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.(?:weight|bias)$")
 _PEFT_PREFIX = "base_model.model."
 
@@ -36,10 +46,11 @@ class ValidatedAdapter:
     """An adapter folder that passed every check: what the registry loads and serves."""
 
     name: str
-    folder: Path  # resolved, inside the root
+    folder: Path  # the user's folder, resolved, inside the root: never given to the engine
+    staged: Path  # Governor's read-only copy, the one checked and loaded
     size: int  # bytes of adapter_model.safetensors
     rank: int
-    fingerprint: tuple[int, ...]  # changes when weights or config change: a new engine version
+    fingerprint: str  # sha256 of the staged files: a new value is a new engine version
     profile: dict[str, Any] | None
 
 
@@ -104,14 +115,6 @@ def resolve_folder(root: Path, path: str) -> Path:
     return resolved
 
 
-def _read_bounded(path: Path, limit: int, what: str, param: str) -> bytes:
-    with open(path, "rb") as f:  # path was checked to lie inside the root
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"{what} is larger than {limit} bytes; shrink it.", param=param)
-    return data
-
-
 def _json_object(data: bytes, what: str, param: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
@@ -138,41 +141,54 @@ def header_parses(root: Path, folder: Path) -> bool:
 class AdapterValidator:
     """Checks PEFT folders under one root against one base model and the server's limits."""
 
-    def __init__(self, root: Path, base: BaseModelInfo, max_rank: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        base: BaseModelInfo,
+        max_rank: int,
+        max_bytes: int,
+        stager: AdapterStager,
+        require_base_name: bool = False,
+    ) -> None:
         self.root = Path(root).expanduser().resolve()
         self.base = base
         self.max_rank = max_rank
         self.max_bytes = max_bytes
+        self.stager = stager
+        self.require_base_name = require_base_name
+        self.members = (
+            Member(CONFIG, CONFIG_LIMIT, required=True),
+            Member(WEIGHTS, max_bytes, required=True),
+            Member(PROFILE, PROFILE_LIMIT, required=False, param="profile"),
+        )
 
     def validate(self, name: str, path: str, served_model: str = "") -> ValidatedAdapter:
-        """Every check, in order of cost; raises the first refusal."""
+        """Every check, in order of cost; raises the first refusal. On success the caller holds one reference
+        to the staged copy (stager.release(fingerprint) when done with it)."""
         check_name(name, served_model or self.base.served_name)
         folder = resolve_folder(self.root, path)
-        self._refuse_pickles(folder, path)
-        config_path = self._member(folder, CONFIG, path, required=True)
-        weights_path = self._member(folder, WEIGHTS, path, required=True)
-        assert config_path is not None and weights_path is not None
-        weights_stat = weights_path.stat()
-        if weights_stat.st_size > self.max_bytes:
-            raise PayloadTooLarge(
-                f"Adapter weights are {weights_stat.st_size} bytes; the limit is {self.max_bytes} "
-                "(GOVERNOR_MAX_ADAPTER_BYTES).",
-                param="path",
-            )
-        config_stat = config_path.stat()
-        config = _json_object(_read_bounded(config_path, CONFIG_LIMIT, CONFIG, "path"), CONFIG, "path")
-        rank = self._check_config(config, served_model)
-        self._check_tensors(weights_path)
-        profile = self._profile(folder, path)
-        fingerprint = (
-            weights_stat.st_ino, weights_stat.st_size, weights_stat.st_mtime_ns,
-            config_stat.st_ino, config_stat.st_size, config_stat.st_mtime_ns,
-        )  # fmt: skip
-        return ValidatedAdapter(name, folder, weights_stat.st_size, rank, fingerprint, profile)
+        try:
+            self._refuse_pickles(folder, path)
+            staged = self.stager.stage(self.root, folder, self.members, path)
+        except OSError as exc:  # the folder vanished or is unreadable, or the staging directory is
+            raise InvalidRequest(f"Adapter folder {path!r} could not be read and staged: {exc}.", param="path") from exc
+        try:
+            config = _json_object((staged.path / CONFIG).read_bytes(), CONFIG, "path")
+            rank = self._check_config(config, served_model, name)
+            self._check_tensors(staged.path / WEIGHTS)
+            profile = None
+            if PROFILE in staged.sizes:
+                profile = _json_object((staged.path / PROFILE).read_bytes(), PROFILE, "profile")
+        except BaseException:
+            self.stager.release(staged.digest)
+            raise
+        return ValidatedAdapter(name, folder, staged.path, staged.sizes[WEIGHTS], rank, staged.digest, profile)
 
     # -- files -------------------------------------------------------------------------------------
 
     def _refuse_pickles(self, folder: Path, path: str) -> None:
+        # They are never copied, so the engine could not fall back to them; refused anyway so a folder
+        # that holds one is fixed rather than served from its other files by surprise.
         with os.scandir(folder) as entries:
             pickles = sorted(e.name for e in entries if e.name.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
@@ -182,35 +198,9 @@ class AdapterValidator:
                 param="path",
             )
 
-    def _member(self, folder: Path, filename: str, path: str, required: bool) -> Path | None:
-        member = folder / filename
-        if not required and not member.exists() and not member.is_symlink():
-            return None
-        resolved = inside(self.root, member)
-        if resolved is None:
-            raise InvalidRequest(
-                f"{filename} in {path!r} resolves outside the adapters root (a symlink?); copy the real file in.",
-                param="path",
-            )
-        if not resolved.is_file():
-            if not required:
-                return None
-            raise InvalidRequest(
-                f"Adapter folder {path!r} has no {filename}; an adapter is a PEFT folder with {CONFIG} and "
-                f"{WEIGHTS} (PEFT's save_pretrained writes both).",
-                param="path",
-            )
-        return resolved
-
-    def _profile(self, folder: Path, path: str) -> dict[str, Any] | None:
-        member = self._member(folder, PROFILE, path, required=False)
-        if member is None:
-            return None
-        return _json_object(_read_bounded(member, PROFILE_LIMIT, PROFILE, "profile"), PROFILE, "profile")
-
     # -- adapter_config.json -----------------------------------------------------------------------
 
-    def _check_config(self, config: dict[str, Any], served_model: str) -> int:
+    def _check_config(self, config: dict[str, Any], served_model: str, name: str) -> int:
         peft_type = config.get("peft_type")
         if peft_type is not None and str(peft_type).upper() != "LORA":
             raise InvalidRequest(f"Only LoRA adapters are served; this one is {peft_type}.", param="peft_type")
@@ -220,9 +210,8 @@ class AdapterValidator:
             raise InvalidRequest(f"{CONFIG}: 'rank_pattern' must be an object.", param="rank")
         for key, value in pattern.items():
             rank = max(rank, self._rank(value, f"rank_pattern[{key!r}]"))
-        self._check_base_name(config.get("base_model_name_or_path"), served_model)
-        if self.base.known:
-            self._check_target_modules(config.get("target_modules"))
+        self._check_base_name(config.get("base_model_name_or_path"), served_model, name)
+        self._check_target_modules(config.get("target_modules"))
         return rank
 
     def _rank(self, value: Any, where: str) -> int:
@@ -236,8 +225,21 @@ class AdapterValidator:
             )
         return value
 
-    def _check_base_name(self, declared: Any, served_model: str) -> None:
+    def _check_base_name(self, declared: Any, served_model: str, name: str) -> None:
         if not isinstance(declared, str) or not declared.strip():
+            # Adapters saved from a model built in memory or converted by other tools often lack the name, and
+            # with a local base the tensor shapes are the stronger check; so by default this only warns.
+            if self.require_base_name:
+                raise InvalidRequest(
+                    f"{CONFIG} does not name its base model (base_model_name_or_path); add it, or set "
+                    "GOVERNOR_REQUIRE_ADAPTER_BASE_NAME=false to accept adapters without it.",
+                    param="base_model",
+                )
+            log.warning(
+                "adapter '%s' does not name its base model; %s", name,
+                "its tensor shapes are checked against the base" if self.base.known
+                else "nothing checks that it was trained on this base",
+            )  # fmt: skip
             return
         names = self.base.names() | ({last_component(served_model)} if served_model else set())
         if names and last_component(declared) not in names:
@@ -253,13 +255,8 @@ class AdapterValidator:
             return
         modules = self.base.shapes.keys()
         if isinstance(targets, str):
-            try:
-                pattern = re.compile(targets)
-            except re.error as exc:
-                raise InvalidRequest(
-                    f"target_modules regex {targets!r} is invalid: {exc}.", param="target_modules"
-                ) from exc
-            if not any(pattern.fullmatch(m) for m in modules):
+            pattern = compile_pattern(targets)
+            if self.base.known and not any(pattern.fullmatch(m) for m in modules):
                 raise InvalidRequest(
                     f"target_modules regex {targets!r} matches no module of the base model "
                     f"(modules: {', '.join(sorted(self.base.modules))}).",
@@ -268,6 +265,8 @@ class AdapterValidator:
             return
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise InvalidRequest("target_modules must be a list of module names or a regex.", param="target_modules")
+        if not self.base.known:
+            return
         unknown = [t for t in targets if t not in self.base.modules and not any(m.endswith("." + t) for m in modules)]
         if unknown:
             raise InvalidRequest(
@@ -286,17 +285,35 @@ class AdapterValidator:
             raise InvalidRequest(
                 f"{WEIGHTS} is not a valid safetensors file ({exc}); re-save it.", param="path"
             ) from exc
-        found = 0
+        pairs: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
         for key, shape in shapes.items():
             match = _TENSOR.match(key.removeprefix(_PEFT_PREFIX))
             if match is None:
-                continue
-            found += 1
-            self._check_tensor(key, match.group("module"), match.group("kind"), shape)
-        if not found:
+                # Not silently skipped: the engine may load what Governor did not look at.
+                raise InvalidRequest(
+                    f"{WEIGHTS} holds tensor '{key}', which is not a LoRA matrix (lora_A/lora_B); only LoRA "
+                    "weights are served (no modules_to_save, embedding LoRAs or DoRA vectors).",
+                    param="path",
+                )
+            module, kind = match.group("module"), match.group("kind")
+            self._check_tensor(key, module, kind, shape)
+            if key.endswith(".weight"):
+                pairs.setdefault(module, {})[kind] = (key, shape)
+        if not pairs:
             raise InvalidRequest(
                 f"{WEIGHTS} holds no LoRA tensors (lora_A/lora_B); is it a LoRA adapter?", param="path"
             )
+        for module, found in pairs.items():
+            if set(found) != {"lora_A", "lora_B"}:
+                missing = "lora_B" if "lora_A" in found else "lora_A"
+                raise InvalidRequest(f"{WEIGHTS} has no {missing} weight for module '{module}'.", param="path")
+            (a_key, a_shape), (b_key, b_shape) = found["lora_A"], found["lora_B"]
+            if a_shape[0] != b_shape[1]:
+                raise InvalidRequest(
+                    f"LoRA ranks disagree for module '{module}': '{a_key}' has rank {a_shape[0]}, "
+                    f"'{b_key}' has rank {b_shape[1]}.",
+                    param="rank",
+                )
 
     def _check_tensor(self, key: str, module: str, kind: str, shape: tuple[int, ...]) -> None:
         base = self.base
@@ -305,8 +322,8 @@ class AdapterValidator:
             raise _mismatch(f"tensor '{key}' is for layer {layer}, but the base model has {base.num_hidden_layers}")
         if len(shape) != 2:
             raise InvalidRequest(f"LoRA tensor '{key}' has shape {list(shape)}; expected 2-D.", param="path")
-        if kind == "lora_A" and key.endswith(".weight"):
-            self._rank(shape[0], f"tensor '{key}' rank")
+        if key.endswith(".weight"):  # lora_A is [rank, in_features], lora_B [out_features, rank]
+            self._rank(shape[0] if kind == "lora_A" else shape[1], f"tensor '{key}' rank")
         if not base.known:
             return
         expected = base.shapes.get(module)
@@ -320,6 +337,28 @@ class AdapterValidator:
             raise _mismatch(f"'{key}' takes {shape[1]} input features, the base module {in_features}")
         if kind == "lora_B" and key.endswith(".weight") and shape[0] != out_features:
             raise _mismatch(f"'{key}' produces {shape[0]} output features, the base module {out_features}")
+
+
+def compile_pattern(pattern: str) -> Any:
+    """An adapter's target_modules regex on RE2: linear-time matching, bounded length and memory."""
+    if len(pattern) > PATTERN_LIMIT:
+        raise InvalidRequest(
+            f"target_modules regex is {len(pattern)} characters; the limit is {PATTERN_LIMIT}. List the modules "
+            "instead.",
+            param="target_modules",
+        )
+    options = re2.Options()
+    options.max_mem = _RE2_MEMORY
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise InvalidRequest(
+            f"target_modules regex {pattern!r} is refused: {reason}. Patterns run on RE2 (no backreferences or "
+            "lookaround); list the modules instead.",
+            param="target_modules",
+        ) from exc
 
 
 def _mismatch(detail: str) -> GovernorError:
