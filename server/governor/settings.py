@@ -65,6 +65,17 @@ class Settings(BaseSettings):
         description="Largest LoRA rank accepted (higher costs throughput: 64 runs ~40% slower on CPU).",
     )
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
+    staging_dir: Path | None = Field(
+        None,
+        description="Where validated adapter copies are staged for the engine; default: STATE_DIR/staged. "
+        "With ENGINE_URL it must be set to a directory the engine reads too, else adapters are refused.",
+    )
+    engine_staging_dir: str = Field(
+        "", description="STAGING_DIR's path as a remote engine sees it, if mounted elsewhere; empty = the same."
+    )
+    require_adapter_base_name: bool = Field(
+        False, description="Refuse adapters whose config names no base model (default: load them with a warning)."
+    )
 
     # Requests
     request_timeout: float = Field(600.0, gt=0, description="Deadline per request in seconds (504 past it).")
