@@ -19,7 +19,7 @@ from governor.metrics.engine import EngineScraper
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
 from governor.policy.builder import Policy
-from governor.readiness import Readiness
+from governor.readiness import PROBE_REQUEST, Readiness
 from governor.serving import GenerationService
 from governor.settings import Settings
 
@@ -60,7 +60,12 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     app.state.engine_scraper = engine_scraper
     app.state.registry = registry
     app.state.started_at = time.time()
-    app.state.readiness = Readiness(pool, settings.ready_cache_seconds)
+    app.state.readiness = Readiness(
+        pool,
+        settings.ready_cache_seconds,
+        probe_body=lambda: policy_ref().build(dict(PROBE_REQUEST), kind="completions").body,
+        degraded=policy.info.degraded(),
+    )
     quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency)
     app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry, quotas)
     install_handlers(app)

@@ -14,6 +14,7 @@ from governor.engine.process import VllmProcess, free_port
 from governor.engine.remote import RemoteEngine
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.registry import AdapterRegistry
+from governor.model_files import local_model_dir, remote_model_dir
 from governor.policy.builder import Policy
 from governor.policy.presets import load_presets
 from governor.policy.tokenizer_info import TokenizerInfo
@@ -23,13 +24,15 @@ log = logging.getLogger("governor")
 
 
 def resolve_model(settings: Settings) -> tuple[str, str, Path | None]:
-    """(model argument for vLLM, served name, local directory if any)."""
+    """(model argument for vLLM, served name, local directory of its files if any)."""
     if not settings.model:
         path = embedded.prepare(settings.cache_dir)
         return str(path), settings.served_model_name or embedded.EMBEDDED_NAME, path
     local = Path(settings.model).expanduser()
-    name = settings.served_model_name or (local.name if local.exists() else settings.model)
-    return (str(local.resolve()), name, local.resolve()) if local.exists() else (settings.model, name, None)
+    if local.exists():
+        return str(local.resolve()), settings.served_model_name or local.name, local.resolve()
+    # A hub name: vLLM fetches it; its tokenizer is read from the Hugging Face cache when already there.
+    return settings.model, settings.served_model_name or settings.model, local_model_dir(settings.model)
 
 
 def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
@@ -37,7 +40,10 @@ def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
         engines: list[EngineClient] = [
             RemoteEngine(f"remote-{i}", url, settings.served_model_name) for i, url in enumerate(settings.engine_url)
         ]
-        return EnginePool(engines, settings.max_running + settings.max_queued), None
+        # The same policy as a local engine: the model's files from GOVERNOR_MODEL, or from the root
+        # the engine reports, when they are on this machine.
+        model_dir = remote_model_dir(settings.model, settings.engine_url, settings.engine_api_key)
+        return EnginePool(engines, settings.max_running + settings.max_queued), model_dir
     model, served, local = resolve_model(settings)
     device = detect_device(settings.device)
     log.info("engine profile: %s; model: %s (served as '%s')", device, model, served)
@@ -62,6 +68,8 @@ def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
 
 def build_policy(settings: Settings, model_dir: Path | None) -> Policy:
     info = TokenizerInfo.load(model_dir) if model_dir else TokenizerInfo.generic()
+    for control in info.degraded():
+        log.warning("degraded without the model's files (set GOVERNOR_MODEL to its folder): %s", control)
     presets = load_presets(settings.presets_file)
     return Policy(
         presets, settings.default_preset, info, settings.max_model_len, settings.max_stop,

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     engine_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Existing vLLM server URL(s), comma-separated; empty = start one."
     )
+    engine_api_key: str = Field(
+        "", description="Key Governor sends to remote engines (ENGINE_URL) as a Bearer token; empty = none."
+    )
     engines: int = Field(1, ge=1, le=16, description="Local engine processes to start (ignored with ENGINE_URL).")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Engine profile; auto = gpu if nvidia-smi finds one."

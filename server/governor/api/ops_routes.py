@@ -25,7 +25,10 @@ async def ready(readiness: ReadinessDep, pool: PoolDep) -> dict[str, Any]:
     ok, why = await readiness.check()
     if not ok:
         raise EngineUnavailable(f"Not ready: {why}.", code="not_ready")
-    return {"status": "ready", "engines": {e.name: e.state.value for e in pool.engines}}
+    body: dict[str, Any] = {"status": "ready", "engines": {e.name: e.state.value for e in pool.engines}}
+    if readiness.degraded:
+        body["degraded"] = readiness.degraded
+    return body
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_auth)])

@@ -197,11 +197,14 @@ class RemoteEngine:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
-    async def probe(self) -> bool:
-        """A real one-token generation: readiness means the engine generates, not just listens."""
+    async def probe(self, body: dict[str, Any] | None = None) -> bool:
+        """A real one-token generation: readiness means the engine generates, not just listens.
+
+        `body` is the completions body to send (the default preset's, so an engine that refuses
+        Governor's processor arguments is not ready); its model is this engine's."""
         if self.state != EngineState.READY:
             return False
-        body = {"model": self.served_model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+        body = {**(body or {"prompt": "Hi", "max_tokens": 1, "temperature": 0}), "model": self.served_model}
         try:
             status, _ = await self.request_json("POST", "/v1/completions", body, timeout=10)
         except EngineUnavailable:

@@ -165,6 +165,15 @@ class TokenizerInfo:
         """Whether token-level lists (breakers, exemptions) can be computed."""
         return self._tokenizer is not None
 
+    def degraded(self) -> list[str]:
+        """The anti-loop controls that cannot work fully without the model's tokenizer files."""
+        out = []
+        if self.family is PLAIN:
+            out.append("template stops (the model's chat template family is unknown)")
+        if not self.has_vocab:
+            out.append("DRY sequence breakers and the penalty's digit/punctuation exemptions (no tokenizer.json)")
+        return out
+
     def special_id(self, text: str) -> int | None:
         """The id of `text` when it is one special token (such a token never shows in output text)."""
         return self.special_tokens.get(text)
