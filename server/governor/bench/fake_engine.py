@@ -1,12 +1,16 @@
 """A zero-latency fake vLLM server: OpenAI-shaped SSE as fast as Python can write it.
 
-Used by the relay-capacity benchmark and by unit tests that need real HTTP without a model.
+Used by the relay-capacity benchmark and by unit tests that need real HTTP without a model. A request
+whose prompt holds `[fake-fault:MODE]` fails the way a real engine can, after FAULT_AFTER tokens
+(see FAULTS), so tests can check that Governor passes every failure on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
 from typing import Any
 
 import orjson
@@ -20,6 +24,18 @@ _WORDS = (
 # Varied text: a repeating fake stream would (rightly) be cut by the loop detector.
 _RNG = random.Random(7)
 _STREAM = [" " + _RNG.choice(_WORDS) for _ in range(65536)]
+
+# vLLM's error body (`ErrorResponse.model_dump()` through json.dumps, so with spaces): in a stream it is
+# sent as an event, then [DONE]; without streaming it is the body, with `code` as the HTTP status.
+FAULTS: dict[str, dict[str, Any]] = {
+    "error": {"message": "fake engine: token id 99999 is out of vocabulary", "type": "BadRequestError",
+              "param": "stop_token_ids", "code": 400},
+    "error500": {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500},
+    "garbage": {},  # an event that is not JSON, in the middle of the stream
+}  # fmt: skip
+FAULT_AFTER = 3
+_FAULT = re.compile(r"\[fake-fault:([a-z0-9]+)\]")
+GARBAGE_EVENT = b'data: {"choices": [{"index": 0, "delta": {"content": "cut\n\n'
 
 
 def _chunk(kind: str, rid: str, text: str, finish: str | None, usage: dict[str, int] | None) -> bytes:
@@ -94,6 +110,13 @@ class FakeEngine:
             start = len(self.requests) * 7919 % (len(_STREAM) - n_tokens) if n_tokens < len(_STREAM) else 0
             texts = _STREAM[start : start + n_tokens]
         rid = f"fake-{len(self.requests)}"
+        fault = _fault(body)
+        if fault == "garbage" and not body.get("stream"):
+            return web.Response(text='{"id": "cut', content_type="application/json")
+        if fault in ("error", "error500") and not body.get("stream"):
+            error = FAULTS[fault]
+            text = json.dumps({"error": error})
+            return web.Response(text=text, status=error["code"], content_type="application/json")
         usage_every = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
         if not body.get("stream"):
             text = "".join(texts)
@@ -108,6 +131,13 @@ class FakeEngine:
         self.active += 1
         try:
             for i, text in enumerate(texts):
+                if fault is not None and i == FAULT_AFTER:
+                    if fault == "garbage":
+                        await resp.write(GARBAGE_EVENT)
+                    else:
+                        await resp.write(b"data: " + json.dumps({"error": FAULTS[fault]}).encode() + b"\n\n")
+                        await resp.write(b"data: [DONE]\n\n")
+                        return resp
                 last = i == len(texts) - 1
                 usage = {"prompt_tokens": 4, "completion_tokens": i + 1, "total_tokens": 5 + i} if usage_every else None
                 await resp.write(_chunk(kind, rid, text, "length" if last else None, usage))
@@ -127,6 +157,13 @@ class FakeEngine:
         finally:
             self.active -= 1
         return resp
+
+
+def _fault(body: dict[str, Any]) -> str | None:
+    """The fault a request asks the fake for in its prompt, if any."""
+    prompt = body.get("prompt") if "prompt" in body else body.get("messages")
+    found = _FAULT.search(prompt if isinstance(prompt, str) else json.dumps(prompt))
+    return found[1] if found and found[1] in FAULTS else None
 
 
 async def serve(engine: FakeEngine, port: int, host: str = "127.0.0.1") -> web.AppRunner:

@@ -4,6 +4,9 @@ Fast path (no loop detection): bytes are forwarded as they come, only the final 
 parsed. Loop path: every event is parsed, text deltas go to one LoopDetector per choice, and a
 looping choice is finished with finish_reason "stop" / stop_reason "loop_detected"; once every
 choice is finished the upstream request is closed, which makes vLLM abort it and free its KV cache.
+Whatever fails on the way (vLLM's in-stream error event, an unreadable event, the engine going away, a
+bug) ends the response with an error: an error event and [DONE] when streaming, a raised GovernorError
+from collect(); each is logged with the request id and counted by reason.
 """
 
 from __future__ import annotations

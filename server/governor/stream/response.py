@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from governor.errors import GovernorError
+from governor.stream.sse import DONE, error_event
+
+log = logging.getLogger("governor.stream")
 
 
 class SSEResponse(Response):
@@ -28,7 +34,18 @@ class SSEResponse(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def _pump(self, send: Send) -> None:
-        async for chunk in self.body_iterator:
+        body = self.body_iterator
+        while True:
+            try:
+                chunk = await anext(body)
+            except StopAsyncIteration:
+                break
+            except Exception:  # the relay ends its own failures; anything else must not vanish either
+                log.exception("stream body failed", extra={"request_id": self.headers.get("x-request-id", "-")})
+                error = GovernorError("Internal error while streaming; see the server log.", code="internal_error")
+                chunk = error_event(error) + DONE
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
