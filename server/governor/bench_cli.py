@@ -129,25 +129,6 @@ def register_soak(bench_app: typer.Typer) -> None:
 
 
 def register_eval(eval_app: typer.Typer) -> None:
-    @eval_app.command("loops")
-    def loops(
-        url: str = typer.Option("http://127.0.0.1:8000", help="Any OpenAI-compatible server."),
-        model: str = typer.Option("SmolLM2-135M-Instruct", help="Model name to request."),
-        config: list[str] = typer.Option([], help="Configs to run (default: presets + blunt controls)."),
-        limit: int = typer.Option(0, help="Prompts per kind (0 = all)."),
-        max_tokens: int = typer.Option(256, help="Output limit per answer."),
-        concurrency: int = typer.Option(16, help="Requests in flight."),
-        api_key: str = typer.Option("", envvar="GOVERNOR_EVAL_API_KEY", help="Bearer key, if the server wants one."),
-        details: bool = typer.Option(False, help="List the prompts that still loop, per config."),
-    ) -> None:
-        """Loop rate, length stops, factual and intended-repetition accuracy, tokens and throughput."""
-        from governor.eval import loops as ev
+    from governor.eval.cli import register as register_loops  # the eval owns its command
 
-        prompts = ev.load_prompts(limit or None)
-        configs = config or ev.DEFAULT_CONFIGS
-        scores = asyncio.run(ev.run_eval(url, model, configs, prompts, max_tokens, concurrency, api_key))
-        typer.echo(f"{len(prompts)} prompts, greedy, max_tokens {max_tokens}, {url}")
-        typer.echo(ev.table(scores))
-        if details:
-            for score in scores:
-                typer.echo(f"{score.config}: looping {ev.loops_detail(score)}")
+    register_loops(eval_app)

@@ -347,3 +347,68 @@ def test_has_repeated_block_ignores_legit_repetition(name: str) -> None:
 )
 def test_has_repeated_block_definition(text: str, min_copies: int, expected: bool) -> None:
     assert has_repeated_block(text, min_copies=min_copies) is expected
+
+
+# Block near-repeats: what DRY (a line break ends its sequences) and exact periodicity both miss.
+STANZA = (
+    "The sea is wide and the sky is grey,\n"
+    "the gulls are calling across the bay,\n"
+    "the boats come home at the end of day,\n"
+    "and the waves keep rolling far away.\n\n"
+)
+STANZA_LOOP = (
+    STANZA
+    + STANZA.replace("grey", "blue").replace("calling", "crying").replace("home", "back").replace("far", "so")
+    + STANZA.replace("wide", "deep").replace("bay", "shore").replace("end", "close").replace("rolling", "coming")
+    + STANZA.replace("sky", "sun")
+)
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank"]
+CYCLE_LOOP = "Here is the plan:\n" + "".join(
+    f"{i + 1}. {NAMES[i % 6]} brings {2 * i + 3} cups of flour.\n" for i in range(30)
+)
+CHORUS = "Oh lighthouse keeper, keep your light,\nguide the sailors through the night.\n\n"
+BLOCK_LEGIT = {
+    "song with a chorus": "".join(
+        f"Verse {i}:\n{v}\n\nChorus:\n{CHORUS}"
+        for i, v in enumerate(
+            [
+                "He climbs the stairs at dusk each day,\nhe trims the wick and lights the way.",
+                "The storm comes in with wind and hail,\nhe sees a ship with a torn sail.",
+                "At dawn the sea is calm and bright,\nhe sleeps at last after the night.",
+            ],
+            1,
+        )
+    ),
+    "refrain poem": "\n\n".join(
+        f"{a}\n{b}\nand the river runs on."
+        for a, b in [
+            ("The hills are green in spring,", "the birds begin to sing,"),
+            ("The summer sun is high,", "the fields are gold and dry,"),
+            ("The autumn leaves are red,", "the garden goes to bed,"),
+            ("The winter nights are long,", "the fire hums its song,"),
+        ]
+    ),
+    "template plan": "".join(f"Week {i}: run {i + 1} km on three days\n" for i in range(1, 9)),
+    "items with one word changed": "".join(
+        f"- The little cat sat on the {w} mat today.\n" for w in ["red", "blue", "green", "old", "new", "soft"]
+    ),
+    "one cycle of names": "".join(f"{i + 1}. {n} brings {2 * i + 3} cups of flour.\n" for i, n in enumerate(NAMES)),
+    "weekly table": "| Day | Open |\n|---|---|\n" + "".join(f"| {d} | yes |\n" for d in WEEK),
+}
+
+
+@pytest.mark.parametrize(("text", "copy"), [(STANZA_LOOP, STANZA), (CYCLE_LOOP, "1. Alice brings 3")])
+def test_block_back_with_words_or_numbers_changed_is_cut_at_its_second_copy(text: str, copy: str) -> None:
+    verdict, fed = run(tokens(text))
+    assert verdict is not None and verdict.kind == "near_repeat"
+    assert len(fed) < len(text) // 2 + len(copy)  # two copies of the block, not the whole answer
+    trimmed = trim_to_first_copy(text, CFG)
+    assert trimmed.count(copy.strip().split("\n")[0]) == 1
+    assert trim_to_first_copy(fed, CFG) == trimmed
+
+
+@pytest.mark.parametrize("name", list(BLOCK_LEGIT))
+def test_choruses_refrains_and_templates_are_not_block_loops(name: str) -> None:
+    text = BLOCK_LEGIT[name]
+    for pieces in (list(text), tokens(text), [text]):
+        assert run(pieces)[0] is None, name

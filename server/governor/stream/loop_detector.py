@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from governor.stream.line_repeats import LineRepeats
+
 __all__ = ["LoopConfig", "LoopDetector", "LoopVerdict", "has_repeated_block", "trim_to_first_copy"]
 
 _CHECK_STEP = 8  # lite chars between two exact-repetition checks
@@ -107,6 +109,8 @@ class LoopDetector:
         self._scan_from = 0  # absolute lite position where the event scan resumes
         self._in_code = False  # inside a markdown code fence
         self._recent: deque[tuple[str | None, int]] = deque(maxlen=config.near_repeat_window)
+        self._lines = LineRepeats()  # blocks of lines back with words or numbers changed
+        self._line_start = 0  # absolute lite position where the current line starts
 
     @property
     def verdict(self) -> LoopVerdict | None:
@@ -170,10 +174,14 @@ class LoopDetector:
                 event = m.group()
                 if event == "```":
                     self._in_code = not self._in_code
+                    self._lines.reset()
                 elif event == "\n":
                     self._recent.append((None, 0))  # a line without a sentence end (code, a label)
+                    self._end_line(self._scan_from)
                 else:
                     self._end_sentence(self._scan_from)
+                    if event[-1] == "\n" and self._verdict is None:
+                        self._end_line(self._scan_from)
                 m = _EVENTS.search(lite, m.end())
             else:
                 self._check(checkpoint)
@@ -210,6 +218,17 @@ class LoopDetector:
         if len(starts) >= self._cfg.near_repeat_count:
             self._verdict = LoopVerdict("near_repeat", norm_len, float(len(starts)))
             self._cut = ("lite", starts[1])  # keep everything before the second occurrence
+
+    def _end_line(self, end: int) -> None:
+        """Block near-repeat bookkeeping for the line that ends (after its newline) at ``end``."""
+        start = max(self._line_start, self._lite_base)
+        self._line_start = end
+        if self._in_code:
+            return
+        found = self._lines.end_line(self._lite[start - self._lite_base : end - 1 - self._lite_base], start)
+        if found is not None:
+            self._verdict = LoopVerdict("near_repeat", found.chars, found.copies)
+            self._cut = ("lite", found.cut)
 
     def _check(self, at: int) -> None:
         """Periodicity checks on the text up to absolute lite position ``at``."""

@@ -1,0 +1,53 @@
+"""The `governor eval loops` command (imports the eval lazily, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import typer
+
+
+def register(eval_app: typer.Typer) -> None:
+    @eval_app.command("loops")
+    def loops(
+        url: str = typer.Option("http://127.0.0.1:8000", help="Any OpenAI-compatible server."),
+        model: str = typer.Option("SmolLM2-135M-Instruct", help="Model name to request."),
+        config: list[str] = typer.Option(
+            [], help="Configs to run (default: presets + blunt controls); also preset+field=value+… variants."
+        ),
+        split: str = typer.Option("all", help="all, tune or holdout (the part never tuned on)."),
+        category: list[str] = typer.Option([], help="Only these categories (repeatable)."),
+        limit: int = typer.Option(0, help="Prompts per category (0 = all)."),
+        temperature: list[float] = typer.Option([0.0, 0.7], help="Temperatures (repeatable); 0 is greedy."),
+        seeds: int = typer.Option(3, min=1, help="Seeds at temperature > 0 for the --seeded configs."),
+        seeded: list[str] = typer.Option(["off", "balanced"], help="Configs sampled with --seeds seeds; others one."),
+        max_tokens: int = typer.Option(384, help="Output limit per answer (long answers set their own 1024)."),
+        concurrency: int = typer.Option(32, help="Requests in flight."),
+        api_key: str = typer.Option("", envvar="GOVERNOR_EVAL_API_KEY", help="Bearer key, if the server wants one."),
+        answers: Path | None = typer.Option(None, help="Write every answer and verdict here (JSON lines)."),
+        details: bool = typer.Option(False, help="List the prompts that still loop, per run."),
+    ) -> None:
+        """Loop rate (judged by governor.eval.judge), length stops, factual and intended-repetition accuracy,
+        tokens, per category and for the held-out part."""
+        from governor.eval import loops as ev
+        from governor.eval import report
+
+        if split not in ("all", "tune", "holdout"):
+            raise typer.BadParameter("split must be all, tune or holdout")
+        prompts = ev.load_prompts(split, category, limit)
+        runs = ev.plan(config or ev.DEFAULT_CONFIGS, temperature, seeds, seeded)
+
+        def progress(run: ev.Run) -> None:
+            m = ev.metrics(run)
+            typer.echo(f"# {run.config} t={run.temperature:g} seed={run.seed}: loops {m.loop_rate:.1%}, "
+                       f"{m.tokens} tokens, {run.seconds:.0f} s", err=True)  # fmt: skip
+
+        done = asyncio.run(ev.run_eval(url, model, runs, prompts, max_tokens, concurrency, api_key, progress))
+        typer.echo(f"{len(prompts)} prompts ({split}), max_tokens {max_tokens} (long: 1024), {url}")
+        typer.echo(report.full_report(done, split))
+        if answers is not None:
+            report.write_answers(answers, done)
+        if details:
+            for run in done:
+                typer.echo(f"{run.config} t={run.temperature:g} seed={run.seed}: looping {report.looping(run)}")

@@ -1,0 +1,109 @@
+"""Markdown tables of `governor eval loops` runs: overall, per category, held-out part alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from governor.eval.loops import CATEGORIES, CHECKED, Metrics, Run, metrics
+
+
+def _groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs of one config at one temperature (its seeds), in first-seen order."""
+    out: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        out.setdefault((run.config, run.temperature), []).append(run)
+    return list(out.values())
+
+
+def _spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    """Mean, and min-max across seeds when there are several."""
+    if any(math.isnan(v) for v in values):
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1 or min(values) == max(values):
+        return fmt(mean)
+    return f"{fmt(mean)} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def _pct(v: float) -> str:
+    return f"{v:.1%}"
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+def summary(runs: list[Run], keep: Callable[[dict[str, Any]], bool] = lambda p: True) -> str:
+    """One row per config and temperature: means over seeds, with the seeds' range in brackets."""
+    head = (
+        "| config | temp | seeds | loop rate | length stops | factual | intended rep. | tokens | cuts | errors | s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = []
+    for group in _groups(runs):
+        ms: list[Metrics] = [metrics(r.part(keep)) for r in group]
+        first = group[0]
+
+        def col(get: Callable[[Metrics], float], fmt: Callable[[float], str], ms: list[Metrics] = ms) -> str:
+            return _spread([get(m) for m in ms], fmt)
+
+        rows.append(
+            f"| {first.config} | {first.temperature:g} | {len(group)} | {col(lambda m: m.loop_rate, _pct)} | "
+            f"{col(lambda m: m.length_stops, _num)} | {col(lambda m: m.factual, _pct)} | "
+            f"{col(lambda m: m.repetition, _pct)} | {col(lambda m: m.tokens, _num)} | {col(lambda m: m.cuts, _num)} | "
+            f"{sum(m.errors for m in ms)} | {statistics.fmean(r.seconds for r in group):.0f} |"
+        )
+    return "\n".join([head, *rows])
+
+
+def by_category(runs: list[Run], keep: Callable[[dict[str, Any]], bool] = lambda p: True) -> str:
+    """Loops (judged) per category; for fact and repeat, answers that pass their checks. Summed over seeds."""
+    head = "| config | temp | " + " | ".join(CATEGORIES) + " |\n|---|---:|" + "---:|" * len(CATEGORIES)
+    rows = []
+    for group in _groups(runs):
+        cells = []
+        for cat in CATEGORIES:
+            answers = [a for r in group for a in r.answers if a.prompt["category"] == cat and keep(a.prompt)]
+            hits = sum(a.correct if cat in CHECKED else a.loops for a in answers)
+            label = "ok" if cat in CHECKED else "loops"
+            cells.append(f"{hits}/{len(answers)} {label}" if answers else "-")
+        rows.append(f"| {group[0].config} | {group[0].temperature:g} | " + " | ".join(cells) + " |")
+    return "\n".join([head, *rows])
+
+
+def full_report(runs: list[Run], split: str) -> str:
+    parts = [f"### All prompts ({split})", summary(runs), "", "### Per category", by_category(runs)]
+    if split == "all":
+        parts += ["", "### Tuning part only", summary(runs, lambda p: p["split"] == "tune"),
+                  "", "### Held-out part only", summary(runs, lambda p: p["split"] == "holdout")]  # fmt: skip
+    return "\n".join(parts)
+
+
+def looping(run: Run) -> list[str]:
+    """Ids of the answers the judge says loop, for tuning (only ever on the tuning part)."""
+    return [a.prompt["id"] for a in run.answers if a.prompt["category"] != "repeat" and a.loops]
+
+
+def write_answers(path: Path, runs: list[Run]) -> None:
+    """Every answer as a JSON line, to read while tuning."""
+    with path.open("w", encoding="utf-8") as out:
+        for run in runs:
+            for a in run.answers:
+                verdict = None if a.prompt["category"] == "repeat" else _verdict(a.text)
+                row = {"config": run.config, "temperature": run.temperature, "seed": run.seed, "id": a.prompt["id"],
+                       "split": a.prompt["split"], "finish": a.finish, "stop_reason": a.stop_reason,
+                       "tokens": a.tokens, "correct": a.correct if "check" in a.prompt else None,
+                       "loop": verdict, "error": a.error, "text": a.text}  # fmt: skip
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _verdict(text: str) -> dict[str, Any] | None:
+    from governor.eval.judge import judge
+
+    v = judge(text)
+    return None if v is None else {"kind": v.kind, "copies": v.copies, "block": v.block}
