@@ -103,11 +103,30 @@ def test_bad_requests_get_envelopes(live: Live, body: dict[str, object], status:
         assert err["param"] == param
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[]", b"", b"null", b'"text"', '{"model": "\u00e9"}'.encode()])
-def test_malformed_bodies_are_400(live: Live, raw: bytes) -> None:
+@pytest.mark.parametrize(
+    ("raw", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"", 400, "invalid_json", None),
+        (b"\xff\xfe", 400, "invalid_json", None),  # not UTF-8
+        (b'{"model": "x"}{', 400, "invalid_json", None),  # trailing bytes after the object
+        (b"[]", 400, "invalid_json", None),  # JSON, but not an object
+        (b"null", 400, "invalid_json", None),
+        (b'"text"', 400, "invalid_json", None),
+        ('{"model": "\u00e9"}'.encode(), 400, None, "messages"),  # the body is checked before the model
+        ('{"model": "\u00e9", "messages": [{"role": "user", "content": "hi"}]}'.encode(), 404, "model_not_found",
+         "model"),
+    ],
+)  # fmt: skip
+def test_malformed_bodies_get_their_own_status(
+    live: Live, raw: bytes, status: int, code: str | None, param: str | None
+) -> None:
     r = httpx.post(live.v1 + "/chat/completions", content=raw, headers={"Content-Type": "application/json"})
-    assert r.status_code in (400, 404), r.text
-    assert "error" in r.json()
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["code"], error["param"]) == (code, param), error
+    assert error["type"] == "invalid_request_error"
 
 
 def test_prompt_too_long_is_400_not_500(live: Live) -> None:
