@@ -124,3 +124,37 @@ def test_grafana_provisioning(compose: dict[str, Any]) -> None:
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home.startswith(dashboards_dir + "/")
     assert (DEPLOY / "grafana" / "dashboards" / home.rsplit("/", 1)[1]).is_file()
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each published port, short syntax."""
+    out = []
+    for port in service.get("ports", []):
+        # HOST_IP:HOST_PORT:CONTAINER_PORT; the host port may be `${VAR:-default}`, which holds a colon too
+        address, _, rest = str(port).partition(":")
+        host, _, container = rest.rpartition(":")
+        assert host and not address.startswith("$"), f"{port}: no host address, so Docker publishes it everywhere"
+        out.append((address, host, container))
+    return out
+
+
+def test_every_published_port_is_loopback_only(compose: dict[str, Any]) -> None:
+    published = {name: _published(service) for name, service in compose["services"].items()}
+    assert published["governor"] == [("127.0.0.1", "${GOVERNOR_PUBLISH_PORT:-8000}", "8000")]
+    for name in ("governor-gpu", "prometheus", "grafana"):
+        assert published[name], f"{name} publishes no port"
+    for name, ports in published.items():
+        assert all(address == "127.0.0.1" for address, _, _ in ports), f"{name}: {ports}"
+
+
+def test_grafana_password_has_no_default(compose: dict[str, Any]) -> None:
+    env = compose["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:?set GRAFANA_ADMIN_PASSWORD}"
+    text = COMPOSE_FILE.read_text()
+    assert "GRAFANA_ADMIN_PASSWORD:-" not in text and "GF_SECURITY_ADMIN_PASSWORD: admin" not in text
+
+
+def test_prometheus_lifecycle_api_is_off(compose: dict[str, Any]) -> None:
+    command = compose["services"]["prometheus"]["command"]
+    assert not any(arg.startswith("--web.enable-lifecycle") for arg in command), command
+    assert not any(arg.startswith("--web.enable-admin-api") for arg in command), command
