@@ -129,6 +129,7 @@ def fake_stack(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
             write_adapter(root / "adapters", name)
         env = {**os.environ, "GOVERNOR_ENGINE_URL": f"http://127.0.0.1:{engine_port}", "GOVERNOR_PORT": str(gw_port),
                "GOVERNOR_ADAPTERS_DIR": str(root / "adapters"), "GOVERNOR_STATE_DIR": str(root / "state"),
+               "GOVERNOR_STAGING_DIR": str(root / "staged"),
                "GOVERNOR_WATCH_ADAPTERS": "false", "GOVERNOR_ADMIN_KEY": admin, "GOVERNOR_LOG_LEVEL": "warning",
                "GOVERNOR_MAX_LORAS": str(max(1, args.adapters)), "GOVERNOR_API_KEYS": "",
                "GOVERNOR_METRICS_AUTH": "false"}  # fmt: skip

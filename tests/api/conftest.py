@@ -55,7 +55,8 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         runner = await serve(fake, port)
         cleanups.append(runner.cleanup)
         values: dict[str, Any] = {"adapters_dir": tmp_path / "adapters", "state_dir": tmp_path / "state",
-                                  "watch_adapters": False, "engine_url": [f"http://127.0.0.1:{port}"]}  # fmt: skip
+                                  "watch_adapters": False, "engine_url": [f"http://127.0.0.1:{port}"],
+                                  "staging_dir": tmp_path / "staged"}  # the remote (fake) engine shares it  # fmt: skip
         values.update(overrides)
         settings = Settings(**values)
         settings.adapters_dir.mkdir(exist_ok=True)

@@ -3,6 +3,7 @@ Shared by tests/lora (through its conftest) and tests/api/test_admin_routes.py (
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -96,8 +97,14 @@ def root(tmp_path: Path) -> Path:
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def engine() -> AsyncIterator[Engine]:
+    async with running_engine(CountingEngine()) as handle:
+        yield handle
+
+
+@contextlib.asynccontextmanager
+async def running_engine(fake: CountingEngine) -> AsyncIterator[Engine]:
+    """`fake` on a free port, reached by a started RemoteEngine; stopped after."""
     port = free_port()
-    fake = CountingEngine()
     runner = await serve(fake, port)
     remote = RemoteEngine("fake-0", f"http://127.0.0.1:{port}")
     await remote.start()

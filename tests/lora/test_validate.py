@@ -253,3 +253,140 @@ def test_base_model_info(base_info: BaseModelInfo) -> None:
     assert base_info.modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert base_info.shapes["model.layers.0.self_attn.k_proj"] == (192, 576)
     assert not BaseModelInfo.unknown("x").known
+
+
+# -- staged copies ----------------------------------------------------------------------------------------
+
+
+def test_checks_run_on_a_read_only_copy(root: Path, factory: AdapterFactory, base_info: BaseModelInfo) -> None:
+    folder = factory.copy("good", root / "a")
+    (folder / "governor.json").write_text('{"preset": "strict"}')
+    (folder / "notes.txt").write_text("not copied")
+    v = validator(root, base_info)
+    checked = v.validate("a", "a")
+    assert checked.staged.parent == root.parent / "staged" and checked.staged.name == checked.fingerprint
+    assert sorted(p.name for p in checked.staged.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "governor.json",
+    ]  # fmt: skip
+    for file in checked.staged.iterdir():
+        assert file.read_bytes() == (folder / file.name).read_bytes() and file.stat().st_mode & 0o222 == 0
+    # The same bytes give the same copy, shared; the last release removes it.
+    assert v.validate("a", "a").staged == checked.staged
+    v.stager.release(checked.fingerprint)
+    assert checked.staged.is_dir()
+    v.stager.release(checked.fingerprint)
+    assert not checked.staged.exists()
+
+
+def test_symlinked_file_inside_the_root_is_refused(
+    root: Path, factory: AdapterFactory, base_info: BaseModelInfo
+) -> None:
+    """Files are opened without following links, even links that stay inside the root."""
+    factory.copy("good", root / "real")
+    folder = factory.copy("good", root / "a")
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").symlink_to(root / "real" / "adapter_model.safetensors")
+    err = refused(validator(root, base_info), "a", "a")
+    assert isinstance(err, InvalidRequest) and "symlink" in err.message
+    assert not list((root.parent / "staged").iterdir())  # nothing left staged
+
+
+def test_fifo_weights_are_refused_without_hanging(
+    root: Path, factory: AdapterFactory, base_info: BaseModelInfo
+) -> None:
+    folder = factory.copy("good", root / "a")
+    (folder / "adapter_model.safetensors").unlink()
+    os.mkfifo(folder / "adapter_model.safetensors")
+    err = refused(validator(root, base_info), "a", "a")
+    assert "regular file" in err.message
+
+
+def test_staging_unavailable_says_why(root: Path, factory: AdapterFactory, base_info: BaseModelInfo) -> None:
+    factory.copy("good", root / "a")
+    err = refused(validator(root, base_info, refusal="set GOVERNOR_STAGING_DIR"), "a", "a")
+    assert err.code == "adapter_staging_unavailable" and "GOVERNOR_STAGING_DIR" in err.message
+
+
+# -- tensors --------------------------------------------------------------------------------------------------
+
+
+def edit_tensors(folder: Path, change: Any) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    change(tensors)
+    save_file(tensors, weights)
+
+
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def test_lora_b_rank_is_checked(root: Path, factory: AdapterFactory, base_info: BaseModelInfo) -> None:
+    import numpy as np
+
+    folder = factory.copy("good", root / "a")
+    edit_tensors(folder, lambda t: t.__setitem__(B, np.zeros((576, 4), dtype=np.float32)))
+    err = refused(validator(root, base_info), "a", "a")
+    assert err.param == "rank" and "ranks disagree" in err.message
+    edit_tensors(folder, lambda t: t.__setitem__(B, np.zeros((576, 32), dtype=np.float32)))
+    err = refused(validator(root, base_info, max_rank=16), "a", "a")
+    assert err.param == "rank" and "lora_B" in err.message and "32" in err.message
+    edit_tensors(folder, lambda t: t.pop(B))
+    assert "no lora_B" in refused(validator(root, base_info), "a", "a").message
+
+
+def test_tensors_that_are_not_lora_matrices_are_refused(
+    root: Path, factory: AdapterFactory, base_info: BaseModelInfo
+) -> None:
+    import numpy as np
+
+    folder = factory.copy("good", root / "a")
+    extra = "base_model.model.lm_head.weight"  # what modules_to_save writes
+    edit_tensors(folder, lambda t: t.__setitem__(extra, np.zeros((8, 8), dtype=np.float32)))
+    err = refused(validator(root, base_info), "a", "a")
+    assert extra in err.message and "not a LoRA matrix" in err.message
+    # Shapes are checked without a known base too.
+    assert extra in refused(validator(root, BaseModelInfo.unknown(BASE_NAME)), "a", "a").message
+
+
+def test_missing_base_name_warns_or_is_refused(
+    root: Path, factory: AdapterFactory, base_info: BaseModelInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = factory.copy("good", root / "a")
+    edit_config(folder, base_model_name_or_path=None)
+    with caplog.at_level("WARNING", logger="governor.lora"):
+        validator(root, base_info).validate("a", "a")
+    assert "does not name its base model" in caplog.text
+    err = refused(validator(root, base_info, require_base_name=True), "a", "a")
+    assert err.param == "base_model" and "base_model_name_or_path" in err.message
+
+
+# -- target_modules regexes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["(.|.)*Z", "(.|.)*(.|.)*(.|.)*(x|x)*(.|.)*(.|.)*Z"])
+def test_catastrophic_regex_is_answered_at_once(
+    pattern: str, root: Path, factory: AdapterFactory, base_info: BaseModelInfo
+) -> None:
+    """Python's re takes minutes on these against ~210 module names; RE2 is linear."""
+    import time
+
+    folder = factory.copy("good", root / "a")
+    edit_config(folder, target_modules=pattern)
+    started = time.perf_counter()
+    err = refused(validator(root, base_info), "a", "a")
+    assert time.perf_counter() - started < 1.0
+    assert err.param == "target_modules" and "matches no module" in err.message
+
+
+def test_regex_limits(root: Path, factory: AdapterFactory, base_info: BaseModelInfo) -> None:
+    folder = factory.copy("good", root / "a")
+    edit_config(folder, target_modules=".*" + "x?" * 200)
+    assert "limit is 256" in refused(validator(root, base_info), "a", "a").message
+    edit_config(folder, target_modules=r"(q)_proj\1")  # a backreference RE2 cannot run
+    err = refused(validator(root, BaseModelInfo.unknown(BASE_NAME)), "a", "a")  # refused without a known base too
+    assert err.param == "target_modules" and "RE2" in err.message and "escape" in err.message
+    edit_config(folder, target_modules="((a{100}){100}){100}")  # a program past RE2's memory bound
+    assert refused(validator(root, base_info), "a", "a").param == "target_modules"

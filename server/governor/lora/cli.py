@@ -60,8 +60,8 @@ def _echo(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `adapters` command group to the `governor` CLI."""
+def register(app: typer.Typer) -> typer.Typer:
+    """Add the `adapters` command group to the `governor` CLI; returns the group."""
     adapters = typer.Typer(no_args_is_help=True, help="Manage LoRA adapters on a running Governor.")
     app.add_typer(adapters, name="adapters")
 
@@ -108,3 +108,5 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Pin adapter NAME (keep it loaded), or unpin it with --off."""
         _echo(ctx.obj.call("POST", f"/{quote(name, safe='')}/{'unpin' if off else 'pin'}"))
+
+    return adapters

@@ -26,8 +26,8 @@ from governor.lora.staging import AdapterStager
 from governor.lora.store import RegistryStore
 from governor.lora.validate import AdapterValidator, check_name, is_temporary
 from governor.lora.watcher import AdapterWatcher
-from governor.target import Target
 from governor.settings import Settings
+from governor.target import Target
 
 log = logging.getLogger("governor.lora")
 Names = list[str]
