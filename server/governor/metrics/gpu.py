@@ -1,8 +1,13 @@
-"""NVML GPU metrics as a prometheus-client custom collector, read at scrape time."""
+"""NVML GPU metrics as a prometheus-client custom collector, read in a background thread.
+
+NVML calls can block in the driver (a GPU falling off the bus, a wedged driver), and the collector's
+`collect()` runs on the event loop during a /metrics scrape. So a dedicated thread reads the GPUs every
+`interval` seconds while Governor is being scraped, and a scrape only renders the last reading with its
+age: it never waits on NVML, and a reading older than `stale_after` marks its GPU down.
+"""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -14,38 +19,59 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from governor.metrics.nvml_reader import (
+    HUNG_ERROR,
+    INIT_RETRY_S,
+    REINIT_BACKOFF_S,
+    THROTTLE_REASONS,
+    GpuReading,
+    NvmlReader,
+    Round,
+)
+
 logger = logging.getLogger(__name__)
 
 _Family = GaugeMetricFamily | CounterMetricFamily
 
-INIT_RETRY_S = 60.0
-"""A failed NVML init is retried at most this often (a missing driver rarely appears later)."""
+READ_INTERVAL_S = 1.0
+"""How often the background thread reads every GPU while Governor is being scraped."""
+
+STALE_AFTER_S = 10.0
+"""A GPU whose last reading is older than this is reported down (its reader is stuck in NVML)."""
+
+IDLE_STOP_S = 300.0
+"""The reader stops (and releases NVML) after this long without a scrape; the next scrape restarts it."""
+
+CLOSE_TIMEOUT_S = 1.0
+"""close() waits this long for the reader; one stuck in the driver is left behind (a daemon thread)."""
 
 EFFICIENCY_MIN_WINDOW_S = 1.0
 """Tokens per joule is only recomputed over windows at least this long; shorter ones are noise."""
 
 GPU_LABELS = ("gpu", "name", "uuid")
 
-# Clocks-event ("throttle") reason bits. They are part of the NVML ABI and identical across
-# drivers and pynvml versions; listing them here keeps the `reason` label a fixed, bounded set.
-THROTTLE_REASONS: tuple[tuple[str, int], ...] = (
-    ("gpu_idle", 0x1),
-    ("applications_clocks", 0x2),
-    ("sw_power_cap", 0x4),
-    ("hw_slowdown", 0x8),
-    ("sync_boost", 0x10),
-    ("sw_thermal", 0x20),
-    ("hw_thermal", 0x40),
-    ("hw_power_brake", 0x80),
-    ("display_clocks", 0x100),
-)
-
 # family key -> (metric name, help, type); counters are named without `_total`, the client adds it.
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "available": (
         "governor_gpu_available",
-        "1 if NVML initialised and found at least one GPU, else 0.",
+        "1 if NVML is initialised and at least one GPU is up (read within the staleness bound), else 0.",
         "gauge",
+    ),
+    "up": (
+        "governor_gpu_up",
+        "1 if the GPU's last reading succeeded and is recent, 0 if the GPU is lost, failing or its reading stale;"
+        " a GPU once seen keeps this series.",
+        "gauge",
+    ),
+    "reading_age": (
+        "governor_gpu_reading_age_seconds",
+        "Age of the GPU's last reading (successful or not) served by this scrape; read in the background.",
+        "gauge",
+    ),
+    "errors": (
+        "governor_gpu_errors",
+        "NVML calls about one GPU that failed, by error (NVML error name in snake case, hung or other).",
+        "counter",
     ),
     "utilization": (
         "governor_gpu_utilization_ratio",
@@ -82,211 +108,179 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-# family key, NVML function, extra args after the handle, factor to the metric's base unit.
-# Args are NVML enum values (ABI-stable): NVML_TEMPERATURE_GPU=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2.
-SCALAR_FIELDS: tuple[tuple[str, str, tuple[int, ...], float], ...] = (
-    ("temperature", "nvmlDeviceGetTemperature", (0,), 1.0),
-    ("power", "nvmlDeviceGetPowerUsage", (), 1e-3),  # mW
-    ("power_limit", "nvmlDeviceGetEnforcedPowerLimit", (), 1e-3),  # mW
-    ("energy", "nvmlDeviceGetTotalEnergyConsumption", (), 1e-3),  # mJ
-    ("clock_sm", "nvmlDeviceGetClockInfo", (1,), 1e6),  # MHz
-    ("clock_memory", "nvmlDeviceGetClockInfo", (2,), 1e6),  # MHz
-)
-
 
 @dataclass(frozen=True)
-class _Gpu:
-    index: int
-    name: str
-    uuid: str
-    handle: Any
-
-    @property
-    def labels(self) -> list[str]:
-        return [str(self.index), self.name, self.uuid]
-
-
-@dataclass(frozen=True)
-class _Reading:
+class _Baseline:
     at: float
     tokens: float
     energy_j: dict[int, float]
 
 
-def _text(value: str | bytes) -> str:
-    # pynvml < 11.5 returns bytes for names and UUIDs.
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
 class GpuCollector(Collector):
-    """Prometheus collector reading NVML at scrape time; reports `governor_gpu_available 0` without a GPU.
+    """Prometheus collector serving the background reader's last NVML reading; never blocks on NVML.
 
     `output_tokens` returns the total output tokens generated so far (monotonic); with the summed GPU
-    energy it gives `governor_gpu_output_tokens_per_joule`. `nvml` replaces the `pynvml` module (tests),
-    `clock` replaces `time.monotonic`.
+    energy it gives `governor_gpu_output_tokens_per_joule`. It is called from `collect()` only (the
+    gateway's counters belong to the event loop). `nvml` replaces the `pynvml` module (tests), `clock`
+    replaces `time.monotonic` for reading times and ages; `interval`, `stale_after` and `idle_stop` are
+    the reader's period, the age past which a GPU is down, and the scrape-less time after which it stops.
     """
 
     def __init__(
         self,
         output_tokens: Callable[[], float],
         *,
-        nvml: ModuleType | None = None,
+        nvml: ModuleType | Any | None = None,
         clock: Callable[[], float] = time.monotonic,
+        interval: float = READ_INTERVAL_S,
+        stale_after: float = STALE_AFTER_S,
+        idle_stop: float = IDLE_STOP_S,
+        init_retry: float = INIT_RETRY_S,
+        reinit_backoff: tuple[float, float] = REINIT_BACKOFF_S,
     ) -> None:
         self._output_tokens = output_tokens
-        self._nvml: Any = nvml
         self._clock = clock
-        self._lock = threading.Lock()
-        self._gpus: list[_Gpu] | None = None
-        self._next_init_at: float | None = None
-        self._logged: set[tuple[str, ...]] = set()
-        self._baseline: _Reading | None = None
+        self.interval = interval
+        self.stale_after = stale_after
+        self.idle_stop = idle_stop
+        self._reader = NvmlReader(nvml, clock, self._set_busy, init_retry=init_retry, reinit_backoff=reinit_backoff)
+        self._lock = threading.Lock()  # guards what the reader publishes; never held across an NVML call
+        self._thread: threading.Thread | None = None
+        self.thread_name = f"governor-gpu-reader-{id(self):x}"  # tells this collector's reader apart (tests, py-spy)
+        self._stop = threading.Event()
+        self._last_scrape = 0.0  # time.monotonic(): idling is real time even under a test clock
+        self._round: Round | None = None
+        self._rounds = 0
+        self._busy: tuple[float, int | None] | None = None  # (since, gpu) of the calls in flight
+        self._hung_since: float | None = None  # the busy episode already counted as hung
+        self._errors: dict[tuple[str, str], int] = {}
+        self._baseline: _Baseline | None = None
         self._tokens_per_joule = 0.0
-        # NVML functions resolved once at init; ones this pynvml lacks are left out.
-        self._scalars: list[tuple[str, Callable[..., Any], tuple[int, ...], float]] = []
-        self._throttle_fn: Callable[..., Any] | None = None
+
+    @property
+    def rounds(self) -> int:
+        """Completed reading rounds since construction (lets tests wait for a reading, not a time)."""
+        return self._rounds
 
     def describe(self) -> Iterator[Metric]:
         """Declare every family without touching NVML (called at registration)."""
         yield from _new_families().values()
 
     def collect(self) -> Iterator[Metric]:
-        """Read every GPU once; a field NVML cannot report is skipped, never raised."""
+        """Render the last reading; starts the reader when none runs. Never waits on NVML."""
+        self.start()
         families = _new_families()
+        now = self._clock()
         with self._lock:
-            now = self._clock()
-            gpus = self._gpus if self._ensure_init(now) else None
-            families["available"].add_metric([], 1.0 if gpus else 0.0)
-            if gpus:
-                energy_j: dict[int, float] = {}
-                for gpu in gpus:
-                    joules = self._sample(gpu, families)
-                    if joules is not None:
-                        energy_j[gpu.index] = joules
-                families["tokens_per_joule"].add_metric([], self._update_efficiency(now, energy_j))
+            self._note_hung(now)
+            last = self._round
+            errors = dict(self._errors)
+        up_energy: dict[int, float] = {}
+        any_up = False
+        for reading in last.readings if last else ():
+            age = max(0.0, now - reading.at)
+            up = reading.up and age <= self.stale_after
+            families["up"].add_metric(reading.gpu.labels, 1.0 if up else 0.0)
+            families["reading_age"].add_metric(reading.gpu.labels, age)
+            if up:
+                any_up = True
+                _add_values(families, reading)
+                if "energy" in reading.values:
+                    up_energy[reading.gpu.index] = reading.values["energy"]
+        for (gpu, error), count in sorted(errors.items()):
+            families["errors"].add_metric([gpu, error], float(count))
+        available = last is not None and last.nvml_ok and any_up
+        families["available"].add_metric([], 1.0 if available else 0.0)
+        if available and last is not None:
+            families["tokens_per_joule"].add_metric([], self._update_efficiency(last.at, up_energy))
         yield from families.values()
 
-    def close(self) -> None:
-        """Release NVML; a later scrape initialises it again."""
+    def start(self) -> None:
+        """Start the reader unless one runs (a scrape calls this). At most one is ever in flight: one stuck
+        in the driver keeps its place, and no second thread piles up behind it."""
         with self._lock:
-            if self._gpus is not None:
-                self._shutdown()
-                self._gpus = None
-                self._next_init_at = None
-
-    def _ensure_init(self, now: float) -> bool:
-        if self._gpus is not None:
-            return True
-        if self._next_init_at is not None and now < self._next_init_at:
-            return False
-        self._next_init_at = now + INIT_RETRY_S
-        if self._nvml is None:
-            try:
-                self._nvml = importlib.import_module("pynvml")
-            except ImportError as exc:
-                self._log_once(("import",), logging.INFO, "GPU metrics disabled: pynvml not importable error=%s", exc)
-                return False
-        nvml = self._nvml
-        try:
-            nvml.nvmlInit()
-        except Exception as exc:  # any init failure must leave /metrics working, not just NVMLError
-            self._log_once(
-                ("init", str(exc)),
-                logging.INFO,
-                "GPU metrics disabled: NVML init failed error=%s retry_s=%d",
-                exc,
-                INIT_RETRY_S,
+            self._last_scrape = time.monotonic()
+            if self._thread is not None:
+                return
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name=self.thread_name, daemon=True
             )
-            return False
+            self._thread.start()
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the reader and release NVML; a later scrape starts again. Waits at most `timeout`."""
+        with self._lock:
+            thread, stop = self._thread, self._stop
+        if thread is None:
+            return
+        stop.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("GPU reader still inside an NVML call after %.1fs; left behind", timeout)
+
+    def _run(self, stop: threading.Event) -> None:
         try:
-            gpus = []
-            for index in range(nvml.nvmlDeviceGetCount()):
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                name = _text(nvml.nvmlDeviceGetName(handle))
-                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-                gpus.append(_Gpu(index, name, uuid, handle))
-        except Exception as exc:
-            self._log_once(
-                ("enumerate", str(exc)), logging.WARNING, "GPU metrics disabled: listing GPUs failed error=%s", exc
-            )
-            self._shutdown()
-            return False
-        self._scalars = [
-            (key, function, args, factor)
-            for key, name, args, factor in SCALAR_FIELDS
-            if (function := getattr(nvml, name, None)) is not None
-        ]
-        # The reasons call was renamed in NVML 12.2; older pynvml only has the throttle spelling.
-        self._throttle_fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-            nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
-        )
-        self._gpus = gpus
-        logger.info("GPU metrics enabled: gpus=%d names=%s", len(gpus), sorted({g.name for g in gpus}))
-        return True
+            while True:
+                self._publish(self._reader.read())
+                if stop.wait(self.interval):
+                    return
+                if self._idle():
+                    self._reader.shutdown()  # before giving up the slot: never two threads in NVML
+                    with self._lock:
+                        if self._idle():
+                            self._thread = None
+                            return
+        except Exception:  # a bug here must not kill the reader silently and leave stale series
+            logger.exception("GPU reader failed")
+        finally:
+            self._reader.shutdown()
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
 
-    def _shutdown(self) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except Exception as exc:
-            self._log_once(("shutdown", str(exc)), logging.DEBUG, "NVML shutdown failed error=%s", exc)
+    def _idle(self) -> bool:
+        return time.monotonic() - self._last_scrape >= self.idle_stop
 
-    def _sample(self, gpu: _Gpu, families: dict[str, _Family]) -> float | None:
-        """Add one GPU's samples to `families`; return its energy in joules when known."""
-        nvml, labels = self._nvml, gpu.labels
-        util = self._read(gpu, "utilization", nvml.nvmlDeviceGetUtilizationRates)
-        if util is not None:
-            families["utilization"].add_metric(labels, util.gpu / 100.0)
-            families["memory_utilization"].add_metric(labels, util.memory / 100.0)
-        mem = self._read(gpu, "memory", nvml.nvmlDeviceGetMemoryInfo)
-        if mem is not None:
-            families["memory_used"].add_metric(labels, float(mem.used))
-            families["memory_total"].add_metric(labels, float(mem.total))
-        energy_j: float | None = None
-        for key, function, args, factor in self._scalars:
-            raw = self._read(gpu, key, function, *args)
-            if raw is not None:
-                value = raw * factor
-                families[key].add_metric(labels, value)
-                if key == "energy":
-                    energy_j = value
-        mask = self._read(gpu, "throttle", self._throttle_fn) if self._throttle_fn else None
-        if mask is not None:
-            for reason, bit in THROTTLE_REASONS:
-                families["throttle"].add_metric([*labels, reason], 1.0 if mask & bit else 0.0)
-        return energy_j
+    def _publish(self, result: Round) -> None:
+        with self._lock:
+            self._round = result
+            self._rounds += 1
+            for key in result.errors:
+                self._errors[key] = self._errors.get(key, 0) + 1
 
-    def _read(self, gpu: _Gpu, field: str, function: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return function(gpu.handle, *args)
-        except self._nvml.NVMLError as exc:
-            # NotSupported is a property of the GPU model, not a fault worth a warning.
-            level = logging.DEBUG if getattr(exc, "value", None) == self._not_supported else logging.WARNING
-            self._log_once(
-                ("field", field, str(exc)), level, "GPU metric skipped: field=%s gpu=%d error=%s", field, gpu.index, exc
-            )
-            return None
+    def _set_busy(self, gpu: int | None, done: bool) -> None:
+        busy = None if done else (self._clock(), gpu)
+        with self._lock:
+            self._busy = busy
 
-    @property
-    def _not_supported(self) -> int:
-        return int(getattr(self._nvml, "NVML_ERROR_NOT_SUPPORTED", 3))
+    def _note_hung(self, now: float) -> None:
+        """Count a call that has outlived the staleness bound, once per stuck call (lock held)."""
+        busy = self._busy
+        if busy is None or now - busy[0] <= self.stale_after or self._hung_since == busy[0]:
+            return
+        self._hung_since = busy[0]
+        gpu = "" if busy[1] is None else str(busy[1])
+        logger.warning("NVML call hung gpu=%s for_s=%.1f", gpu or "none", now - busy[0])
+        if busy[1] is not None:
+            self._errors[(gpu, HUNG_ERROR)] = self._errors.get((gpu, HUNG_ERROR), 0) + 1
 
-    def _update_efficiency(self, now: float, energy_j: dict[int, float]) -> float:
+    def _update_efficiency(self, at: float, energy_j: dict[int, float]) -> float:
+        """Tokens per joule between the baseline and the reading taken `at` (tokens counted at this scrape)."""
         if not energy_j:
             return self._tokens_per_joule
         try:
             tokens = float(self._output_tokens())
         except Exception as exc:
-            self._log_once(
-                ("output_tokens", type(exc).__name__), logging.WARNING, "output token count failed error=%r", exc
-            )
+            logger.warning("output token count failed error=%r", exc)
             return self._tokens_per_joule
-        current = _Reading(now, tokens, energy_j)
+        current = _Baseline(at, tokens, energy_j)
         base = self._baseline
         # A different set of GPUs reporting energy would make the sums incomparable: restart the window.
         if base is None or base.energy_j.keys() != energy_j.keys():
             self._baseline = current
             return self._tokens_per_joule
-        if now - base.at < EFFICIENCY_MIN_WINDOW_S:
+        if at - base.at < EFFICIENCY_MIN_WINDOW_S:
             return self._tokens_per_joule
         d_joules = sum(energy_j[i] - base.energy_j[i] for i in energy_j)
         d_tokens = tokens - base.tokens
@@ -297,10 +291,14 @@ class GpuCollector(Collector):
             self._baseline = current
         return self._tokens_per_joule
 
-    def _log_once(self, kind: tuple[str, ...], level: int, msg: str, *args: Any) -> None:
-        if kind not in self._logged:
-            self._logged.add(kind)
-            logger.log(level, msg, *args)
+
+def _add_values(families: dict[str, _Family], reading: GpuReading) -> None:
+    labels = reading.gpu.labels
+    for key, value in reading.values.items():
+        families[key].add_metric(labels, value)
+    if reading.throttle is not None:
+        for reason, bit in THROTTLE_REASONS:
+            families["throttle"].add_metric([*labels, reason], 1.0 if reading.throttle & bit else 0.0)
 
 
 def _new_families() -> dict[str, _Family]:
@@ -310,6 +308,8 @@ def _new_families() -> dict[str, _Family]:
             labels: list[str] = []
         elif key == "throttle":
             labels = [*GPU_LABELS, "reason"]
+        elif key == "errors":
+            labels = ["gpu", "error"]
         else:
             labels = list(GPU_LABELS)
         family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
