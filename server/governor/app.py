@@ -11,14 +11,14 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
 
-from governor.api import openai_routes, ops_routes
-from governor.api.quota import Quotas
+from governor.api import admin_routes, openai_routes, ops_routes
 from governor.engine.pool import EnginePool
 from governor.errors import install_handlers
 from governor.metrics.engine import EngineScraper
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
 from governor.policy.builder import Policy
+from governor.quota import Quotas
 from governor.readiness import PROBE_REQUEST, Readiness
 from governor.serving import GenerationService
 from governor.settings import Settings
@@ -53,7 +53,10 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
             await pool.stop()
             gpu.close()
 
-    app = FastAPI(title="Governor", version="0.1.0", lifespan=lifespan)
+    # The schema and its pages are off unless enabled: they map the attack surface for anyone.
+    # `app.openapi()` works in-process either way (the fuzz tests read it there).
+    docs: dict[str, Any] = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Governor", version="0.1.0", lifespan=lifespan, **docs)
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
@@ -66,16 +69,16 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         probe_body=lambda: policy_ref().build(dict(PROBE_REQUEST), kind="completions").body,
         degraded=policy.info.degraded(),
     )
-    quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency)
+    quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency, settings.address_concurrency)
     app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry, quotas)
     install_handlers(app)
     _document_request_models(app)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)
-    if registry is not None:
-        from governor.api import admin_routes
-
+    if registry is not None and settings.admin_key:
         app.include_router(admin_routes.router)
+    else:  # no admin key, no admin API: not even a body is read
+        app.include_router(admin_routes.disabled)
     return app
 
 

@@ -117,24 +117,43 @@ def error_response(exc: GovernorError) -> Response:
     )
 
 
-def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    where = ("body", "query", "path", "header", "cookie")
-    parts = [str(p) for p in (loc[1:] if loc and loc[0] in where else loc)]
-    return ".".join(parts) or None
-
-
-def validation_error(exc: RequestValidationError) -> InvalidRequest:
-    """First pydantic error as a 400 that names the field."""
-    errors = exc.errors()
+def from_pydantic(errors: list[Any]) -> InvalidRequest:
+    """The first pydantic error as a 400 naming the field (`messages.0.role`); the one helper for
+    request bodies, whether FastAPI or Governor validated them."""
     if not errors:
         return InvalidRequest("Invalid request body.")
     first = errors[0]
-    param = _param_from_loc(first.get("loc", ()))
-    msg = str(first.get("msg", "invalid value"))
-    where = f"'{param}': " if param else ""
     if first.get("type") == "json_invalid":
         return InvalidRequest("Request body is not valid JSON.", code="invalid_json")
-    return InvalidRequest(f"{where}{msg}", param=param)
+    loc = first.get("loc", ())
+    where = ("body", "query", "path", "header", "cookie")
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in where else loc)]
+    param = ".".join(parts) or None
+    prefix = f"'{param}': " if param else ""
+    return InvalidRequest(f"{prefix}{first.get('msg', 'invalid value')}", param=param)
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """A FastAPI-validated body's first error (see `from_pydantic`)."""
+    return from_pydantic(list(exc.errors()))
+
+
+class ClientGone(GovernorError):
+    """The client disconnected before its answer; nobody reads this error, it is counted as 499."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
+def from_transport(exc: BaseException, *, started: bool) -> GovernorError:
+    """A failure talking to an engine as Governor's error: a deadline is 504, anything else 503
+    (`started`: whether generation had begun, which only changes the message)."""
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceeded("Request deadline exceeded; generation was stopped.")
+    if started:
+        return EngineUnavailable("The engine stopped while generating; the response is incomplete.")
+    return EngineUnavailable("The engine is not reachable; retry shortly.")
 
 
 _STATUS_TYPES: dict[int, type[GovernorError]] = {

@@ -1,99 +1,43 @@
-"""The generation service: body → validation → target → policy → admission → upstream → relay."""
+"""The generation service: typed request → target → admission → upstream body → engine → relay.
+
+The route opens a `RequestScope`, parses the body into a `GenerationRequest` and calls `generate`;
+the scope owns every lease the request takes and releases them in one place. The HTTP layer (api/)
+sits above this module and is never imported here."""
 
 from __future__ import annotations
 
-import logging
-import time
+import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import orjson
-from pydantic import ValidationError
-from starlette.requests import Request
 from starlette.responses import Response
 
-from governor.api.auth import presented_key
-from governor.api.quota import Quotas
-from governor.api.schemas import ChatCompletionRequest, CompletionRequest, Kind, check_limits
+from governor.endpoint import Endpoint
 from governor.engine.base import EngineClient, Upstream
 from governor.engine.pool import EnginePool
 from governor.errors import (
+    ClientGone,
     EngineUnavailable,
     GovernorError,
     InvalidRequest,
     ModelNotFound,
-    PayloadTooLarge,
     from_status,
+    from_transport,
 )
 from governor.metrics.gateway import GatewayMetrics
 from governor.policy.builder import Policy
+from governor.quota import Quotas
+from governor.request import GenerationRequest
+from governor.scope import ClientInfo, RequestScope
 from governor.settings import Settings
 from governor.stream.relay import Relay, RelayStats
 from governor.stream.response import SSEResponse
+from governor.target import AdapterResolver, Target
 
-log = logging.getLogger("governor.requests")
-
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-
-
-@dataclass
-class Target:
-    """What a request's `model` names: the base model or an adapter, and how to reach it upstream."""
-
-    public_name: str
-    upstream_model: str
-    adapter: str | None = None
-    profile: dict[str, Any] | None = None
-    engines: tuple[str, ...] = ()
-    done: Callable[[], None] = field(default=lambda: None)
-
-
-class AdapterResolver(Protocol):
-    """The adapter registry as the service sees it (issue B)."""
-
-    async def target(self, name: str) -> Target | None: ...
-
-
-@dataclass
-class RequestContext:
-    request_id: str
-    kind: Kind
-    started: float
-    deadline: float
-    target: Target | None = None
-    label: str = "other"
-    status: int = 200
-    quota_id: str | None = None
-    tokens: int = 0
-
-
-async def read_body(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON body, bounded before it is buffered: 413 past `limit`, 400 if not a JSON object."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
-        chunks.append(chunk)
-    try:
-        data = orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
-    return data
-
-
-def _validation(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    where = f"'{param}': " if param else ""
-    return InvalidRequest(f"{where}{first.get('msg', 'invalid value')}", param=param)
+__all__ = ["ClientInfo", "GenerationService", "ReadyProbe", "RequestScope"]
 
 
 class GenerationService:
@@ -115,6 +59,10 @@ class GenerationService:
         self.adapters = adapters
         self.quotas = quotas
 
+    def scope(self, endpoint: Endpoint, client: ClientInfo) -> RequestScope:
+        """The scope one request runs in (opened by the route before it parses the body, so a 400 counts)."""
+        return RequestScope(endpoint, client, self.metrics, self.settings.request_timeout)
+
     async def resolve(self, name: str) -> Target:
         base = self.pool.served_model
         if name == base:
@@ -126,58 +74,40 @@ class GenerationService:
         known = f" Available: '{base}'." if base else ""
         raise ModelNotFound(f"The model '{name}' does not exist.{known}", param="model")
 
-    def _timeout(self, request: Request) -> float:
-        """The server's deadline, or a shorter one a client asks for with X-Governor-Timeout (seconds)."""
-        asked = request.headers.get("x-governor-timeout")
-        if asked is None:
-            return self.settings.request_timeout
-        try:
-            value = float(asked)
-        except ValueError:
-            value = -1.0
-        if not 0 < value < float("inf"):
-            raise InvalidRequest("X-Governor-Timeout must be a positive number of seconds.", param="X-Governor-Timeout")
-        return min(value, self.settings.request_timeout)
+    async def generate(self, scope: RequestScope, req: GenerationRequest) -> Response:
+        """Serve one typed request; a client that leaves before its answer is ready aborts it upstream."""
+        scope.apply_timeout()
+        return await _until_disconnect(scope, self._generate(scope, req))
 
-    async def handle(self, kind: Kind, request: Request) -> Response:
-        now = time.monotonic()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        ctx = RequestContext(rid[:128], kind, now, now + self._timeout(request))
-        if self.quotas is not None and self.quotas.enabled:
-            key = presented_key(request)
-            if key:
-                ident = Quotas.identity(key)
-                self.quotas.acquire(ident)  # 429 before any work when the key is over its limits
-                ctx.quota_id = ident
-        self.metrics.in_flight.inc()
-        streaming = False
-        try:
-            response = await self._serve(ctx, request)
-            streaming = isinstance(response, SSEResponse)
-            return response
-        except GovernorError as exc:
-            ctx.status = exc.status
-            if exc.status >= 500:
-                log.warning("request failed: %s", exc.message, extra={"request_id": ctx.request_id})
-            raise
-        finally:
-            if not streaming:
-                self._finish(ctx, None)
+    def _admit_quota(self, scope: RequestScope, req: GenerationRequest) -> None:
+        if self.quotas is None:
+            return
+        client = scope.client
+        # Without configured keys a presented key proves nothing (openai-python always sends one): the
+        # address is the identity then.
+        key = client.key if self.settings.api_keys else None
+        ident = Quotas.client_id(key, client.address)
+        scope.quota = self.quotas.acquire(ident, req.expected_tokens(self.settings))
 
-    async def _serve(self, ctx: RequestContext, request: Request) -> Response:
-        raw = await read_body(request, self.settings.max_body_bytes)
-        model_cls = ChatCompletionRequest if ctx.kind == "chat" else CompletionRequest
-        try:
-            req = model_cls.model_validate(raw)
-        except ValidationError as exc:
-            raise _validation(exc) from exc
-        check_limits(req, raw, self.settings)
-        ctx.target = target = await self.resolve(req.model)
-        ctx.label = self.metrics.model_label(target.public_name)
-        decision = self.policy().build(raw, kind=ctx.kind, profile=target.profile)
+    async def _generate(self, scope: RequestScope, req: GenerationRequest) -> Response:
+        seqs = req.sequences()
+        if seqs > self.pool.max_in_flight:
+            raise InvalidRequest(
+                f"This request asks for {seqs} sequences; the engine holds at most {self.pool.max_in_flight}.",
+                param="prompt" if req.prompt_count() > 1 else "n",
+                code="too_many_sequences",
+            )
+        self._admit_quota(scope, req)  # before any work: a 429 costs nothing
+        target = await self.resolve(req.model)
+        scope.hold(target)
+        scope.label = self.metrics.model_label(target.public_name)
+        endpoint = req.endpoint
+        decision = self.policy().build(req.body(), kind=endpoint.kind, profile=target.profile)
         body = decision.body
         body["model"] = target.upstream_model
-        n = req.n * (req.prompt_count() if isinstance(req, CompletionRequest) else 1)
+        if self.settings.cache_salt_per_key and self.settings.api_keys and scope.client.key:
+            # the engine's prefix cache is shared only between requests of one key
+            body["cache_salt"] = Quotas.client_id(scope.client.key, None)
         stream_up = req.stream or (decision.loop is not None and req.assemblable())
         if stream_up:
             opts: dict[str, Any] = dict(body.get("stream_options") or {})
@@ -185,132 +115,128 @@ class GenerationService:
             if decision.loop is not None:
                 opts["continuous_usage_stats"] = True  # exact usage even when Governor cuts the stream
             body["stream"], body["stream_options"] = True, opts
-        engine, upstream = await self._open_any(target, ctx, body)
-        released = False
-        try:
-            relay = Relay(upstream, kind=ctx.kind, n=n, loop=decision.loop, client_usage=req.wants_usage,
-                          client_continuous=req.wants_continuous_usage, request_id=ctx.request_id,
-                          on_error=self.metrics.stream_error)  # fmt: skip
-            headers = {"X-Request-Id": ctx.request_id}
-            if req.stream:
-                released = True
-                return self._stream_job(ctx, relay, engine)
-            if stream_up:
+        upstream = await self._open_any(scope, target, body, seqs)
+        relay = Relay(upstream, kind=endpoint.kind, n=req.prompt_count() * req.n, loop=decision.loop,
+                      client_usage=req.wants_usage, client_continuous=req.wants_continuous_usage,
+                      request_id=scope.request_id, on_error=self.metrics.stream_error)  # fmt: skip
+        headers = {"X-Request-Id": scope.request_id}
+        if req.stream:
+            return _stream_response(scope, relay, target)
+        if stream_up:
+            try:
                 data = await relay.collect()
-                self._record(ctx, relay.stats)
-                data["model"] = target.public_name
-                return Response(orjson.dumps(data), media_type="application/json", headers=headers)
-            return await self._passthrough(ctx, upstream, target, headers)
-        finally:
-            if not released:
-                engine.outstanding -= 1
+            finally:
+                scope.record(relay.stats)
+            data["model"] = target.public_name
+            return Response(orjson.dumps(data), media_type="application/json", headers=headers)
+        return await _passthrough(scope, upstream, target, headers)
 
-    async def _open_any(
-        self, target: Target, ctx: RequestContext, body: dict[str, Any]
-    ) -> tuple[EngineClient, Upstream]:
+    async def _open_any(self, scope: RequestScope, target: Target, body: dict[str, Any], seqs: int) -> Upstream:
         """Open on the best engine; if it cannot be reached (nothing sent yet), fail over to the next.
-        Returns with the engine's outstanding count held."""
+        The engine lease and the open response stay with the scope."""
         tried: list[str] = []
         while True:
-            engine = self.pool.pick(target.engines, exclude=tried)
-            engine.outstanding += 1
+            lease = self.pool.admit(target.engines, exclude=tried, sequences=seqs)
+            engine = lease.__enter__()
             try:
-                return engine, await self._open(engine, ctx, body)
-            except EngineUnavailable:
-                engine.outstanding -= 1
+                upstream = await self._open(engine, scope, body)
+            except BaseException as exc:
+                lease.__exit__(type(exc), exc, exc.__traceback__)
+                if not isinstance(exc, EngineUnavailable):
+                    raise
                 tried.append(engine.name)
                 if not [e for e in self.pool.ready() if e.name not in tried]:
                     raise
-            except BaseException:
-                engine.outstanding -= 1
-                raise
+                continue
+            scope.enter(_Held(lease))
+            scope.on_close(upstream.abort)  # runs first: the engine stops generating before the lease is freed
+            return upstream
 
-    async def _open(self, engine: EngineClient, ctx: RequestContext, body: dict[str, Any]) -> Upstream:
-        remaining = max(0.001, ctx.deadline - time.monotonic())
+    async def _open(self, engine: EngineClient, scope: RequestScope, body: dict[str, Any]) -> Upstream:
         # A suffix keeps vLLM's ids unique even when a client reuses its X-Request-Id.
-        headers = {"X-Request-Id": f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"}
-        upstream = await engine.open(PATHS[ctx.kind], body, headers, timeout=remaining)
+        headers = {"X-Request-Id": f"{scope.request_id}-{uuid.uuid4().hex[:8]}"}
+        upstream = await engine.open(scope.endpoint.path, body, headers, timeout=scope.remaining())
         if upstream.status != 200:
-            raw = await upstream.read()
-            raise _upstream_error(upstream.status, raw)
+            try:
+                raw = await upstream.read()
+            except Exception as exc:
+                raise from_transport(exc, started=False) from exc
+            raise upstream_error(upstream.status, raw)
         return upstream
 
-    async def _passthrough(self, ctx: RequestContext, upstream: Upstream, target: Target,
-                           headers: dict[str, str]) -> Response:  # fmt: skip
-        try:
-            raw = await upstream.read()
-        except TimeoutError as exc:
-            from governor.errors import DeadlineExceeded
 
-            raise DeadlineExceeded("Request deadline exceeded; generation was stopped.") from exc
+class _Held(contextlib.AbstractContextManager[None]):
+    """An engine lease already entered (failover needs to enter it before the scope may keep it)."""
+
+    def __init__(self, lease: contextlib.AbstractContextManager[EngineClient]) -> None:
+        self.lease = lease
+
+    def __exit__(self, *exc: object) -> None:
+        self.lease.__exit__(None, None, None)
+
+
+async def _until_disconnect(scope: RequestScope, work: Coroutine[Any, Any, Response]) -> Response:
+    """Run `work` while watching the client: if it leaves first, `work` is cancelled (which closes the
+    upstream connection, so vLLM aborts the generation) and the request ends as 499."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(scope.client.disconnected())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone("The client disconnected before the response was ready.")
+    finally:
+        if not watch.done():
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+
+def _stream_response(scope: RequestScope, relay: Relay, target: Target) -> SSEResponse:
+    """The streaming response; it owns the scope from here and closes it once the stream ends."""
+    rename = target.upstream_model != target.public_name
+    old = f'"model":"{target.upstream_model}"'.encode()
+    new = f'"model":"{target.public_name}"'.encode()
+    completed = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal completed
+        async for chunk in relay.stream():
+            yield chunk.replace(old, new) if rename else chunk
+        completed = True
+
+    close_scope = scope.detach()
+
+    def close() -> None:
+        if not completed and relay.stats.outcome == "ok":
+            relay.stats.outcome = "disconnect"
+        scope.record(relay.stats)
+        close_scope()
+
+    return SSEResponse(body(), headers={"X-Request-Id": scope.request_id}, on_close=close)
+
+
+async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, headers: dict[str, str]) -> Response:
+    """vLLM's own non-streaming answer (tools, structured output, echo…), relayed as it is."""
+    try:
+        raw = await upstream.read()
+    except Exception as exc:  # aiohttp's errors, resets, the deadline: one mapping
+        raise from_transport(exc, started=True) from exc
+    try:
         data = orjson.loads(raw)
         usage = data.get("usage") or {}
         stats = RelayStats(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        self._record(ctx, stats)
-        if target.upstream_model != target.public_name:
-            data["model"] = target.public_name
-            raw = orjson.dumps(data)
-        return Response(raw, media_type="application/json", headers=headers)
-
-    def _stream_job(self, ctx: RequestContext, relay: Relay, engine: EngineClient) -> SSEResponse:
-        """The streaming response; its cleanup runs exactly once, even if the body never starts."""
-        target = ctx.target
-        rename = target is not None and target.upstream_model != target.public_name
-        old = f'"model":"{target.upstream_model}"'.encode() if target else b""
-        new = f'"model":"{target.public_name}"'.encode() if target else b""
-        state = {"closed": False, "completed": False}
-
-        async def body() -> AsyncIterator[bytes]:
-            async for chunk in relay.stream():
-                yield chunk.replace(old, new) if rename else chunk
-            state["completed"] = True
-
-        def close() -> None:
-            if state["closed"]:
-                return
-            state["closed"] = True
-            relay.upstream.abort()
-            engine.outstanding -= 1
-            if not state["completed"] and relay.stats.outcome == "ok":
-                relay.stats.outcome = "disconnect"
-            self._record(ctx, relay.stats)
-            self._finish(ctx, relay.stats)
-
-        return SSEResponse(body(), headers={"X-Request-Id": ctx.request_id}, on_close=close)
-
-    def _record(self, ctx: RequestContext, stats: RelayStats) -> None:
-        m, label = self.metrics, ctx.label
-        ctx.tokens = stats.prompt_tokens + stats.completion_tokens
-        if stats.prompt_tokens:
-            m.prompt_tokens.labels(label).inc(stats.prompt_tokens)
-        if stats.completion_tokens:
-            m.output_tokens.labels(label).inc(stats.completion_tokens)
-        if stats.first_token_at is not None:
-            m.ttft.labels(label, ctx.kind).observe(stats.first_token_at - ctx.started)
-        if stats.loops_cut:
-            m.loops_cut.labels(label).inc(stats.loops_cut)
-        if stats.outcome == "deadline":
-            ctx.status = 504
-        elif stats.outcome == "error":
-            ctx.status = 503
-
-    def _finish(self, ctx: RequestContext, stats: RelayStats | None) -> None:
-        elapsed = time.monotonic() - ctx.started
-        self.metrics.in_flight.dec()
-        if ctx.quota_id is not None and self.quotas is not None:
-            self.quotas.release(ctx.quota_id, ctx.tokens)
-        self.metrics.requests.labels(ctx.label, ctx.kind, str(ctx.status)).inc()
-        self.metrics.latency.labels(ctx.label, ctx.kind).observe(elapsed)
-        if ctx.target is not None:
-            ctx.target.done()
-        log.info(
-            "request done",
-            extra={"request_id": ctx.request_id, "endpoint": ctx.kind, "model": ctx.label, "status": ctx.status,
-                   "seconds": round(elapsed, 4), "outcome": stats.outcome if stats else None},
-        )  # fmt: skip
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise EngineUnavailable("The engine's answer was not valid JSON.") from exc
+    scope.record(stats)
+    if target.upstream_model != target.public_name:
+        data["model"] = target.public_name
+        raw = orjson.dumps(data)
+    return Response(raw, media_type="application/json", headers=headers)
 
 
-def _upstream_error(status: int, raw: bytes) -> GovernorError:
+def upstream_error(status: int, raw: bytes) -> GovernorError:
     """vLLM's error as Governor's envelope: its message kept, 4xx status kept, 5xx → 503."""
     message = raw.decode("utf-8", "replace")[:2000]
     param = None

@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     allow_engine_fields: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Engine-side request fields clients may send (e.g. chat_template)."
     )
+    allow_fields: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Request fields Governor does not know (or refuses) that clients may send anyway, unchecked.",
+    )
+    max_request_sequences: int = Field(
+        256, ge=1, description="Most sequences (prompts × n, or × best_of) one request may ask for (400 past it)."
+    )
+    address_concurrency: int = Field(
+        64, ge=0, description="Concurrent requests per client address when no API key is shown (0 = unlimited)."
+    )
+    cache_salt_per_key: bool = Field(
+        False, description="Salt the engine's prefix cache per API key (closes the cross-tenant timing channel; "
+        "costs shared-prefix hits)."
+    )
+    docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json.")
 
     # Auth
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -110,7 +125,7 @@ class Settings(BaseSettings):
     ready_cache_seconds: float = Field(2.0, ge=0, description="How long /ready reuses its generation probe.")
     drain_seconds: float = Field(5.0, ge=0, description="On SIGTERM: seconds /ready is 503 before the listener closes.")
 
-    @field_validator("engine_url", "api_keys", "allow_engine_fields", mode="before")
+    @field_validator("engine_url", "api_keys", "allow_engine_fields", "allow_fields", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

@@ -5,12 +5,22 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from governor.api.body import read_json
 from governor.api.deps import admin_auth
+from governor.errors import Forbidden, from_pydantic
 from governor.lora.registry import AdapterRegistry
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_auth)])
+# Mounted instead of `router` when the admin API is off: it answers before any body is read.
+disabled = APIRouter(include_in_schema=False)
+MAX_ADMIN_BODY = 64 * 1024
+
+
+@disabled.api_route("/admin/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def admin_off(rest: str) -> None:
+    raise Forbidden("The admin API is off. Set GOVERNOR_ADMIN_KEY to turn it on.", code="admin_disabled")
 
 
 async def get_registry(request: Request) -> AdapterRegistry:
@@ -36,8 +46,19 @@ async def list_adapters(registry: RegistryDep) -> dict[str, Any]:
     return {"object": "list", "data": registry.list()}
 
 
-@router.post("/adapters")
-async def load_adapter(body: LoadAdapter, registry: RegistryDep) -> dict[str, Any]:
+def _load_doc() -> dict[str, Any]:
+    schema = LoadAdapter.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post("/adapters", openapi_extra=_load_doc())
+async def load_adapter(request: Request, registry: RegistryDep) -> dict[str, Any]:
+    # The body is read here, after the router's auth dependency, and bounded: FastAPI would read a
+    # declared body parameter whole before any dependency runs.
+    try:
+        body = LoadAdapter.model_validate(await read_json(request, MAX_ADMIN_BODY))
+    except ValidationError as exc:
+        raise from_pydantic(exc.errors()) from exc
     return await registry.load(body.name, body.path, pin=body.pin)
 
 

@@ -7,15 +7,8 @@ import hmac
 from starlette.requests import Request
 
 from governor.errors import Forbidden, Unauthorized
+from governor.quota import presented_key
 from governor.settings import Settings
-
-
-def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
-    return request.headers.get("x-api-key")
 
 
 def _matches(key: str, candidates: list[str]) -> bool:
@@ -34,7 +27,7 @@ def check_user(settings: Settings, request: Request) -> None:
     """/v1 routes: open when no user keys are configured; the admin key is accepted too."""
     if not settings.api_keys:
         return
-    key = presented_key(request)
+    key = presented_key(request.headers)
     if key is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
     if not (_matches(key, settings.api_keys) or is_admin(settings, key)):
@@ -45,7 +38,7 @@ def check_admin(settings: Settings, request: Request) -> None:
     """/admin routes: off without an admin key, never open (a proxy in front would make it public)."""
     if not settings.admin_key:
         raise Forbidden("The admin API is off. Set GOVERNOR_ADMIN_KEY to turn it on.", code="admin_disabled")
-    key = presented_key(request)
+    key = presented_key(request.headers)
     if key is None:
         raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin key>'.")
     if is_admin(settings, key):
@@ -58,7 +51,7 @@ def check_admin(settings: Settings, request: Request) -> None:
 def check_metrics(settings: Settings, request: Request) -> None:
     if not settings.metrics_auth:
         return
-    key = presented_key(request)
+    key = presented_key(request.headers)
     if key is None:
         raise Unauthorized("Missing API key for /metrics.")
     if not (_matches(key, settings.api_keys) or is_admin(settings, key)):

@@ -11,8 +11,9 @@ from fastapi import Depends, Request
 
 from governor.api import auth
 from governor.engine.pool import EnginePool
+from governor.quota import presented_key
 from governor.readiness import Readiness
-from governor.serving import GenerationService
+from governor.serving import ClientInfo, GenerationService
 from governor.settings import Settings
 
 
@@ -36,10 +37,26 @@ async def get_readiness(request: Request) -> Readiness:
     return readiness
 
 
+async def get_client(request: Request) -> ClientInfo:
+    """The caller as the service sees it, with a way to learn that it left."""
+    receive = request.receive
+
+    async def disconnected() -> None:
+        # Called only once the body has been read: the next ASGI message is the disconnect.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    headers = request.headers
+    address = request.client.host if request.client else None
+    return ClientInfo(headers.get("x-request-id"), presented_key(headers), address, headers.get("x-governor-timeout"),
+                      disconnected)  # fmt: skip
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PoolDep = Annotated[EnginePool, Depends(get_pool)]
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+ClientDep = Annotated[ClientInfo, Depends(get_client)]
 
 
 async def user_auth(request: Request, settings: SettingsDep) -> None:

@@ -7,9 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from governor.api.deps import ServiceDep, user_auth
-from governor.api.schemas import ChatCompletionRequest, CompletionRequest
+from governor.api.body import read_json
+from governor.api.deps import ClientDep, ServiceDep, SettingsDep, user_auth
+from governor.endpoint import ENDPOINTS, Kind
 from governor.errors import ModelNotFound
+from governor.request import ChatCompletionRequest, CompletionRequest, parse_request
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(user_auth)], tags=["openai"])
 
@@ -31,6 +33,9 @@ def model_cards(request: Request) -> list[dict[str, Any]]:
     created = int(request.app.state.started_at)
     cards = [{"id": base, "object": "model", "created": created, "owned_by": "governor", "root": base,
               "parent": None, "max_model_len": request.app.state.settings.max_model_len}]  # fmt: skip
+    provenance = getattr(request.app.state, "model_provenance", None)
+    if provenance:  # a merged model (`governor adapters merge`) says what it was made from
+        cards[0]["governor_merge"] = provenance
     registry = getattr(request.app.state, "registry", None)
     if registry is not None:
         for name in registry.ready_names():
@@ -52,11 +57,19 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
     raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
 
 
+async def _generate(kind: Kind, request: Request, service: ServiceDep, client: ClientDep,
+                    settings: SettingsDep) -> Response:  # fmt: skip
+    # The scope opens first, so that every outcome (a malformed body too) is counted.
+    async with service.scope(ENDPOINTS[kind], client) as scope:
+        req = parse_request(kind, await read_json(request, settings.max_body_bytes), settings)
+        return await service.generate(scope, req)
+
+
 @router.post("/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest))
-async def chat_completions(request: Request, service: ServiceDep) -> Response:
-    return await service.handle("chat", request)
+async def chat_completions(request: Request, service: ServiceDep, client: ClientDep, settings: SettingsDep) -> Response:
+    return await _generate("chat", request, service, client, settings)
 
 
 @router.post("/completions", openapi_extra=_body_doc(CompletionRequest))
-async def completions(request: Request, service: ServiceDep) -> Response:
-    return await service.handle("completions", request)
+async def completions(request: Request, service: ServiceDep, client: ClientDep, settings: SettingsDep) -> Response:
+    return await _generate("completions", request, service, client, settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable, Iterator
 
 from governor.engine.base import EngineClient, EngineState
 from governor.errors import EngineUnavailable, Overloaded
@@ -30,8 +30,9 @@ class EnginePool:
     def any_ready(self) -> bool:
         return any(e.state == EngineState.READY for e in self.engines)
 
-    def pick(self, prefer: Iterable[str] = (), exclude: Iterable[str] = ()) -> EngineClient:
-        """Least outstanding among ready engines, preferring those named in `prefer` (adapter affinity)."""
+    def pick(self, prefer: Iterable[str] = (), exclude: Iterable[str] = (), sequences: int = 1) -> EngineClient:
+        """Least outstanding among ready engines, preferring those named in `prefer` (adapter affinity).
+        `outstanding` counts sequences (prompts x n): the engine's budget is in sequences, not requests."""
         if self.draining:
             raise EngineUnavailable("Server is draining for shutdown; retry on another replica.", code="draining")
         skip = set(exclude)
@@ -41,22 +42,25 @@ class EnginePool:
         preferred = set(prefer)
         candidates = [e for e in ready if e.name in preferred] or ready
         best = min(candidates, key=lambda e: e.outstanding)
-        if best.outstanding >= self.max_in_flight:
+        if best.outstanding + sequences > self.max_in_flight:
             # Affinity is a preference, not a reason to refuse: fall back to any engine with room.
             best = min(ready, key=lambda e: e.outstanding)
-            if best.outstanding >= self.max_in_flight:
+            if best.outstanding + sequences > self.max_in_flight:
                 raise Overloaded("Server is at capacity; retry after the indicated delay.", retry_after=1.0)
         return best
 
-    @contextlib.asynccontextmanager
-    async def admit(self, prefer: Iterable[str] = ()) -> AsyncIterator[EngineClient]:
-        """Hold a slot on the chosen engine for the duration of a request."""
-        engine = self.pick(prefer)
-        engine.outstanding += 1
+    @contextlib.contextmanager
+    def admit(
+        self, prefer: Iterable[str] = (), exclude: Iterable[str] = (), sequences: int = 1
+    ) -> Iterator[EngineClient]:
+        """Hold `sequences` of the chosen engine's budget for the duration of a request (plain, not async:
+        a streaming response releases it from a synchronous close)."""
+        engine = self.pick(prefer, exclude, sequences)
+        engine.outstanding += sequences
         try:
             yield engine
         finally:
-            engine.outstanding -= 1
+            engine.outstanding -= sequences
 
     def outstanding(self) -> int:
         return sum(e.outstanding for e in self.engines)

@@ -11,7 +11,7 @@ profile) and cached, so a request without overrides costs a dict copy and a stop
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,12 +25,26 @@ from governor.policy.tokenizer_info import TokenizerInfo
 from governor.processors import extra_args as xa
 from governor.stream.loop_detector import LoopConfig
 
-__all__ = ["ENGINE_HOOKS", "GOVERNOR_FIELDS", "PROFILE_KEYS", "Policy", "PolicyResult"]
+__all__ = [
+    "ENGINE_FIELDS",
+    "ENGINE_HOOKS",
+    "GOVERNOR_FIELDS",
+    "PROFILE_KEYS",
+    "CompiledProfile",
+    "Policy",
+    "PolicyResult",
+]
 
 # Body keys the builder consumes: they never reach the engine.
 GOVERNOR_FIELDS: frozenset[str] = frozenset({"decoding_preset", *CONTROL_FIELDS})
 # Engine hooks Governor sets itself; never copied from a client body unless the operator allows one.
 ENGINE_HOOKS: frozenset[str] = frozenset({"vllm_xargs", "logits_processors", "chat_template", "chat_template_kwargs"})
+# Every engine-side field a client may not send (the one list): the hooks above, and fields that reach
+# into the engine's internals (KV transfer between engines, multimodal processor settings, the engine's
+# own request id, raw token ids in place of text).
+ENGINE_FIELDS: frozenset[str] = ENGINE_HOOKS | {
+    "kv_transfer_params", "ec_transfer_params", "mm_processor_kwargs", "return_tokens_as_token_ids", "request_id",
+}  # fmt: skip
 # Keys of a profile (governor.json) besides preset fields.
 PROFILE_KEYS: frozenset[str] = frozenset({"preset", "template", "stop"})
 
@@ -79,6 +93,16 @@ class _Profile:
     fields: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledProfile:
+    """An adapter profile checked against one policy (`Policy.compile_profile`), ready for `build`."""
+
+    raw: Mapping[str, Any]
+    key: bytes
+    profile: _Profile
+    policy_id: int
+
+
 def _loop_param(message: str, set_here: Collection[str]) -> str:
     """The loop field to blame for a LoopConfig error: one the caller set, if any."""
     candidates: tuple[str, ...]
@@ -108,7 +132,7 @@ class Policy:
         self.info = info
         self.max_model_len = max_model_len
         self.max_stop = max_stop
-        self._strip = GOVERNOR_FIELDS | (ENGINE_HOOKS - set(allow_engine_fields))
+        self._strip = GOVERNOR_FIELDS | (ENGINE_FIELDS - set(allow_engine_fields))
         if default_preset not in presets:
             raise PresetError(f"default preset '{default_preset}' is not defined (known: {', '.join(sorted(presets))})")
         self.default_preset = default_preset
@@ -140,11 +164,21 @@ class Policy:
 
     def validate_profile(self, profile: Mapping[str, Any]) -> None:
         """Raise InvalidRequest (param 'model') if an adapter profile cannot be used; for the adapter registry."""
-        self._plan("completions", None, profile)
+        self.compile_profile(profile)
+
+    def compile_profile(self, profile: Mapping[str, Any]) -> CompiledProfile:
+        """An adapter's governor.json, checked and compiled when the adapter loads: a bad profile fails the
+        adapter once, with the reason (InvalidRequest, param 'model'), instead of every request to it."""
+        for kind in ("chat", "completions"):
+            self._plan(kind, None, profile)
+        key = orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
+        return CompiledProfile(dict(profile), key, self._parse_profile(profile), id(self))
 
     # -- per request ----------------------------------------------------------------------------
 
-    def build(self, body: dict[str, Any], *, kind: Kind, profile: Mapping[str, Any] | None = None) -> PolicyResult:
+    def build(
+        self, body: dict[str, Any], *, kind: Kind, profile: CompiledProfile | Mapping[str, Any] | None = None
+    ) -> PolicyResult:
         """The upstream body for a client body; InvalidRequest names the offending field."""
         consumed = [key for key in body if key in self._strip]
         name = body.get("decoding_preset")
@@ -208,30 +242,42 @@ class Policy:
 
     # -- resolution (cached) ----------------------------------------------------------------------
 
-    def _plan(self, kind: Kind, name: str | None, profile: Mapping[str, Any] | None) -> _Plan:
+    def _plan(self, kind: Kind, name: str | None, profile: CompiledProfile | Mapping[str, Any] | None) -> _Plan:
+        if isinstance(profile, CompiledProfile):
+            if profile.policy_id == id(self):  # compiled by this policy: no serialization, no parse
+                compiled = profile.profile
+                ckey = (kind, name, profile.key)
+                return self._cache.get(ckey) or self._new_plan(ckey, kind, name, lambda: compiled)
+            profile = profile.raw  # compiled by a policy since replaced (presets reloaded)
         try:
-            pkey = None if not profile else orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
+            pkey: bytes | None = None if not profile else orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
         except TypeError as exc:
             raise InvalidRequest(f"Adapter profile is not JSON: {exc}", param="model") from exc
+        raw = profile
         key = (kind, name, pkey)
-        plan = self._cache.get(key)
-        if plan is None:
-            if name is not None and name not in self._presets:
-                raise InvalidRequest(
-                    f"Unknown decoding_preset '{name[:64]}'; known: {', '.join(self.preset_names)}.",
-                    param="decoding_preset",
-                )
-            try:
-                plan = self._resolve(kind, name, self._parse_profile(profile) if profile else None)
-            except InvalidRequest as exc:
-                if exc.param == "decoding_preset":
-                    raise
-                raise InvalidRequest(
-                    f"The adapter's profile (governor.json) is invalid: {exc.message}", param="model"
-                ) from exc
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = plan
+        return self._cache.get(key) or self._new_plan(
+            key, kind, name, lambda: self._parse_profile(raw) if raw else None
+        )
+
+    def _new_plan(
+        self, key: tuple[Any, ...], kind: Kind, name: str | None, parse: Callable[[], _Profile | None]
+    ) -> _Plan:
+        if name is not None and name not in self._presets:
+            raise InvalidRequest(
+                f"Unknown decoding_preset '{name[:64]}'; known: {', '.join(self.preset_names)}.",
+                param="decoding_preset",
+            )
+        try:
+            plan = self._resolve(kind, name, parse())
+        except InvalidRequest as exc:
+            if exc.param == "decoding_preset":
+                raise
+            raise InvalidRequest(
+                f"The adapter's profile (governor.json) is invalid: {exc.message}", param="model"
+            ) from exc
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = plan
         return plan
 
     def _resolve(self, kind: Kind, name: str | None, adapter: _Profile | None) -> _Plan:
