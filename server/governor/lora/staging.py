@@ -105,11 +105,6 @@ class AdapterStager:
             self._refs[digest] = self._refs.get(digest, 0) + 1
         return final
 
-    def acquire(self, digest: str) -> None:
-        """One more holder of an existing copy (a version taking over a validation's reference is not one)."""
-        with self._lock:
-            self._refs[digest] = self._refs.get(digest, 0) + 1
-
     def release(self, digest: str) -> None:
         """Drop one reference; the last one removes the copy."""
         with self._lock:
