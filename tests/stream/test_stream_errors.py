@@ -20,7 +20,7 @@ from governor.errors import EngineUnavailable, InvalidRequest
 from governor.stream.loop_detector import LoopConfig
 from governor.stream.relay import REASONS, Relay
 from governor.stream.response import SSEResponse
-from governor.stream.sse import split_error
+from governor.stream.sse import tail_error
 from tests.stream.test_relay import PROSE, MemoryUpstream, chat_events, drain, rechunk
 
 PRESETS = {"off": None, "balanced": LoopConfig()}  # the byte path and the checked path
@@ -163,13 +163,29 @@ async def test_text_mentioning_error_is_not_an_error_event() -> None:
     assert counted.reasons == []
 
 
-def test_split_error_keeps_events_before_it() -> None:
+def test_tail_error_keeps_events_before_it() -> None:
     ok = chat_events(["x"], done=False)[0]
-    before, error = split_error(ok + vllm_error_event() + b"data: [DONE]\n\n")
+    before, error = tail_error(ok + vllm_error_event())
     assert before == ok and isinstance(error, InvalidRequest)
-    assert split_error(ok) == (ok, None)
+    assert tail_error(vllm_error_event())[0] == b""
+    assert tail_error(ok) == (ok, None)
     not_error = b'data: {"id": "c", "choices": [], "error": "x"}\n\n'  # has choices: not an error event
-    assert split_error(not_error) == (not_error, None)
+    assert tail_error(not_error) == (not_error, None)
+    assert tail_error(ok + GARBAGE_EVENT.replace(b"cut", b'"error"'))[1] is None  # unreadable: not an error
+
+
+@pytest.mark.parametrize("preset", ["off", "balanced"])
+async def test_error_event_in_the_middle_of_a_block(preset: str) -> None:
+    # vLLM sends its error last; another upstream might not: parsed paths catch it anywhere, the byte
+    # path forwards it as it came
+    counted = Counted()
+    chunks = [b"".join(failing_stream(vllm_error_event(), usage_each=True)[:-1] + chat_events(["more"]))]
+    events = await drain(relay_for(chunks, preset, counted))
+    assert any("error" in e for e in events if e != "[DONE]") and events[-1] == "[DONE]"
+    if preset == "balanced":
+        assert events[-2]["error"]["param"] == "stop_token_ids" and counted.reasons == ["upstream_error"]
+    with pytest.raises(InvalidRequest):
+        await relay_for(chunks, preset, counted).collect()
 
 
 async def _run_asgi(response: SSEResponse) -> list[MutableMapping[str, Any]]:

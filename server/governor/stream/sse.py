@@ -73,25 +73,29 @@ def error_event(exc: GovernorError) -> bytes:
     return event(error_body(exc))
 
 
-def split_error(block: bytes) -> tuple[bytes, GovernorError | None]:
-    """Finds vLLM's in-stream error event in a block: (the events before it, the error), else (block, None).
-    vLLM sends `data: {"error": {"message", "type", "param", "code": <HTTP status>}}` then [DONE] when a
-    request fails after its 200 was sent (a parameter the engine refuses, a generation error)."""
-    start = 0
-    for part in block.split(SEP)[:-1]:
-        error = upstream_error(part[6:]) if b'"error"' in part else None
-        if error is not None:
-            return block[:start], error
-        start += len(part) + len(SEP)
-    return block, None
+ERROR_KEY = b'"error"'  # a key or the value "error": text cannot match, its quotes are escaped
 
 
-def upstream_error(payload: bytes) -> GovernorError | None:
-    """An error event's payload as Governor's error (its message and 4xx status kept, 5xx → 503), else None."""
+def tail_error(block: bytes) -> tuple[bytes, GovernorError | None]:
+    """vLLM's in-stream error event when it ends ``block``: (the events before it, the error), else
+    (block, None). vLLM sends `data: {"error": {"message", "type", "param", "code": <HTTP status>}}` when
+    a request fails after its 200 went out (a parameter the engine refuses, a generation error), always
+    as the last event before [DONE]; so only a block's last event is scanned, never the whole block."""
+    at = block.rfind(SEP, 0, len(block) - 2)
+    start = at + 2 if at >= 0 else 0
+    if block.find(ERROR_KEY, start) < 0:
+        return block, None
     try:
-        obj = orjson.loads(payload)
+        obj = orjson.loads(block[start + 6 : -2])
     except orjson.JSONDecodeError:
-        return None
+        return block, None  # not an error event; whoever parses it will say what is wrong with it
+    error = event_error(obj)
+    return (block[:start], error) if error is not None else (block, None)
+
+
+def event_error(obj: Any) -> GovernorError | None:
+    """An error event (`{"error": ...}` without choices) as Governor's error: the engine's message and 4xx
+    status kept, a 5xx as 503; else None."""
     if not isinstance(obj, dict) or "error" not in obj or "choices" in obj:
         return None
     err = obj["error"] if isinstance(obj["error"], dict) else {"message": obj["error"]}
