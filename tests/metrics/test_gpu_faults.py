@@ -3,13 +3,16 @@ hangs for good, one of two GPUs failing at listing and at reading; the reader's 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pynvml
 import pytest
+import yaml
 
 from governor.metrics.gpu import GpuCollector
 from governor.metrics.nvml_reader import ERROR_NAMES, NvmlReader
@@ -27,6 +30,7 @@ from tests.metrics.fake_nvml import (
 )
 
 Make = Callable[..., GpuCollector]
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 SCRAPE_DEADLINE_S = 1.0  # behavioural: a scrape that waited on the hung call would take forever
 
 
@@ -258,3 +262,21 @@ def test_error_names_are_the_snake_case_of_pynvml_errors() -> None:
     assert type(pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)).__name__ == "NVMLError_GpuIsLost"
     assert reader.error_name(pynvml.NVMLError(12345)) == "other"
     assert reader.error_name(RuntimeError("not NVML")) == "other"
+
+
+def test_gpu_down_alert_selects_exactly_the_lost_gpu(nvml: FakeNvml, make: Make) -> None:
+    """deploy/prometheus/alerts.yml's GovernorGpuDown, evaluated on real scrapes (its expr is `<series> == 0`)."""
+    (rule,) = [
+        r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"] if r["alert"] == "GovernorGpuDown"
+    ]
+    match = re.fullmatch(r"(\w+) == 0", rule["expr"].strip())
+    assert match, "the check below evaluates only `<series> == 0`; update it with the rule"
+    series = match.group(1)
+
+    def firing(families: dict[str, Any]) -> list[str]:
+        return [s.labels["gpu"] for s in families[series].samples if s.value == 0]
+
+    collector = make()
+    assert firing(fresh(collector)) == []
+    nvml.lost.add(1)
+    assert firing(fresh(collector)) == ["1"]
