@@ -135,11 +135,6 @@ def response_problem(status: int, body: Any, content_type: str) -> str | None:
     return None
 
 
-def check_response(status: int, body: Any, content_type: str) -> None:
-    problem = response_problem(status, body, content_type)
-    assert problem is None, problem
-
-
 def tame(body: Any, cap: int = 16) -> None:
     """Keep generated generation requests short against a real engine (validity unchanged)."""
     if not isinstance(body, dict):
