@@ -15,13 +15,13 @@ GOVERNOR_PORT ?= 8000
 export GOVERNOR_HOST GOVERNOR_PORT
 PYTEST_ARGS ?=
 
-.PHONY: serve test install model lint typecheck pytest bench loadtest clean
+.PHONY: serve test install model lint typecheck pytest contract-0.25 bench loadtest clean
 
 serve: install model
 	@echo ">>> starting Governor on http://$(GOVERNOR_HOST):$(GOVERNOR_PORT) (engine warm-up follows)"
 	$(VENV)/bin/governor serve
 
-test: install model lint typecheck pytest
+test: install model lint typecheck pytest contract-0.25
 
 install: $(STAMP)
 
@@ -60,6 +60,27 @@ typecheck: install
 
 pytest: install model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The other end of the supported vLLM range (server/governor/engine/compat.py): the `vllm` wheel's Python
+# layer, downloaded and unpacked once into the cache, put first on PYTHONPATH beside the venv's torch.
+# tests/contract and tests/processors run again against it in their own process (one vLLM per process);
+# GOVERNOR_CONTRACT_VLLM makes a wrong path fail instead of testing the venv's vLLM twice. No engine runs.
+CONTRACT_VLLM ?= 0.25.0
+CONTRACT_WHEELS ?= $(HOME)/.cache/governor/vllm-wheels
+CONTRACT_DIR ?= $(HOME)/.cache/governor/vllm-$(CONTRACT_VLLM)
+
+$(CONTRACT_DIR)/.unpacked: | $(STAMP)
+	@mkdir -p $(CONTRACT_WHEELS)
+	@ls $(CONTRACT_WHEELS)/vllm-$(CONTRACT_VLLM)-*.whl >/dev/null 2>&1 || { \
+	  echo ">>> downloading the vllm $(CONTRACT_VLLM) wheel for the contract tests (~250 MB, once)"; \
+	  $(PIP) download -q --disable-pip-version-check --no-deps vllm==$(CONTRACT_VLLM) -d $(CONTRACT_WHEELS); }
+	@rm -rf $(CONTRACT_DIR).partial
+	$(PY) -m zipfile -e $$(ls $(CONTRACT_WHEELS)/vllm-$(CONTRACT_VLLM)-*.whl | head -n1) $(CONTRACT_DIR).partial
+	@rm -rf $(CONTRACT_DIR) && mv $(CONTRACT_DIR).partial $(CONTRACT_DIR) && touch $@
+
+contract-0.25: $(CONTRACT_DIR)/.unpacked model
+	GOVERNOR_CONTRACT_VLLM=$(CONTRACT_VLLM) PYTHONPATH=$(CONTRACT_DIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(PY) -m pytest -q -ra -p no:cacheprovider -m 'not engine' tests/contract tests/processors
 
 bench: install model
 	$(VENV)/bin/governor bench gateway

@@ -1,4 +1,9 @@
-"""A stand-in for vLLM's persistent batch, to drive logits processors the way the engine does."""
+"""A stand-in for vLLM's persistent batch, to drive logits processors the way the engine does.
+
+`BatchUpdate`, `MoveDirectionality` and `SamplingParams` are the installed vLLM's own, imported from
+their public homes, never copied: `make contract-0.25` runs these tests again with vLLM 0.25.0 first on
+PYTHONPATH, so every batch-update test checks the processors against both ends of the supported range.
+"""
 
 from __future__ import annotations
 
