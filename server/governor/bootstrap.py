@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from governor import embedded
 from governor.engine import compat
@@ -16,7 +18,7 @@ from governor.lora.base_model import BaseModelInfo
 from governor.lora.registry import AdapterRegistry
 from governor.model_files import local_model_dir, remote_model_dir
 from governor.policy.builder import Policy
-from governor.policy.presets import load_presets
+from governor.policy.presets import PresetError, load_presets
 from governor.policy.tokenizer_info import TokenizerInfo
 from governor.settings import Settings
 
@@ -73,8 +75,24 @@ def build_policy(settings: Settings, model_dir: Path | None) -> Policy:
     presets = load_presets(settings.presets_file)
     return Policy(
         presets, settings.default_preset, info, settings.max_model_len, settings.max_stop,
-        allow_engine_fields=settings.allow_engine_fields,
+        model_profile=model_profile(model_dir), allow_engine_fields=settings.allow_engine_fields,
     )  # fmt: skip
+
+
+def model_profile(model_dir: Path | None) -> dict[str, Any] | None:
+    """The model layer of the decoding policy: a `governor.json` in the model's folder (a merged
+    adapter carries its profile there), with the same fields as an adapter's."""
+    path = model_dir / "governor.json" if model_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PresetError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise PresetError(f"{path}: must be a JSON object")
+    log.info("model profile from %s", path)
+    return data
 
 
 def build_registry(settings: Settings, pool: EnginePool, model_dir: Path | None) -> AdapterRegistry:

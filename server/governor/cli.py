@@ -81,9 +81,10 @@ def main() -> None:
     bench_cli.register_processors(bench_app)
     bench_cli.register_soak(bench_app)
     bench_cli.register_eval(eval_app)
+    from governor import merge_cli
     from governor.lora import cli as lora_cli
 
-    lora_cli.register(app)
+    merge_cli.register(lora_cli.register(app))
     app(prog_name="governor")
 
 

@@ -14,6 +14,7 @@ from governor.app import create_app
 from governor.bootstrap import build_policy, build_pool, build_registry
 from governor.engine.base import EngineClient
 from governor.engine.pool import EnginePool
+from governor.lora.merge import read_provenance
 from governor.settings import Settings
 
 log = logging.getLogger("governor")
@@ -54,6 +55,7 @@ def run(settings: Settings) -> None:
     policy = build_policy(settings, model_dir)
     registry = build_registry(settings, pool, model_dir)
     app = create_app(settings, pool, policy, registry=registry)
+    app.state.model_provenance = read_provenance(model_dir)
     url = f"http://{settings.host}:{settings.port}/v1"
     announced: set[str] = set()
 
