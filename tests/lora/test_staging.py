@@ -242,3 +242,24 @@ async def test_state_from_before_the_rule_is_replayed_once(
     assert {a["name"]: a["state"] for a in registry.list()} == {"good": "ready", "etc": "failed"}
     saved = json.loads((tmp_path / "state" / "adapters.json").read_text())
     assert saved["format"] == 2 and [e["name"] for e in saved["adapters"]] == ["good"]
+
+
+async def test_evicted_adapters_give_their_copy_up(
+    make_registry: Make, engine: Engine, root: Path, factory: AdapterFactory, tmp_path: Path
+) -> None:
+    factory.copy("good", root / "a")
+    factory.copy("good2", root / "b")
+    registry = make_registry(max_loras=1)
+    await registry.start()
+    await registry.load("a", "a")
+    copy_a = staged_dirs(tmp_path)
+    await registry.load("b", "b")  # evicts a
+    assert {x["name"]: x["state"] for x in registry.list()} == {"a": "evicted", "b": "ready"}
+    assert staged_dirs(tmp_path) == [Path(engine.fake.loaded["b"]).name]
+    target = await registry.target("a")  # re-validated, re-staged, b evicted in turn
+    assert target is not None
+    target.done()
+    assert staged_dirs(tmp_path) == copy_a and Path(engine.fake.loaded["a"]).name == copy_a[0]
+    await registry.unload("b")  # evicted: nothing left to release
+    await registry.unload("a")
+    assert staged_dirs(tmp_path) == []

@@ -38,6 +38,7 @@ class Version:
     leases: int = 0  # requests in flight on this version
     retired: str | None = None  # unload reason once replaced/removed; unloaded when leases reach 0
     unloaded: bool = False
+    holds_copy: bool = True  # holds a reference to its staged copy (given up when evicted or unloaded)
 
 
 @dataclass

@@ -73,19 +73,22 @@ class AdapterLoader:
         except GovernorError as exc:
             self.fail(a, exc, serving)
             raise
-        previous = a.current
+        took, old = False, None  # whether a version took over validation's reference to the staged copy
         try:
             if self.after_validation is not None:
                 await self.after_validation(checked)
-            await self._load_checked(a, checked, engines, before, occupying, serving, started)
+            took, old = await self._load_checked(a, checked, engines, before, occupying, serving, started)
         finally:
-            if a.current is previous:  # no new version took over validation's reference to the staged copy
+            if not took:
                 self.stager.release(checked.fingerprint)
+        if old is not None:
+            await self.retire(old, "replaced")
 
     async def _load_checked(
         self, a: Adapter, checked: ValidatedAdapter, engines: list[EngineClient], before: AdapterState,
         occupying: bool, serving: bool, started: float,
-    ) -> None:  # fmt: skip
+    ) -> tuple[bool, Version | None]:  # fmt: skip
+        """(whether the version took the staged copy's reference, the version it replaced)."""
         v = a.current
         if v is not None and v.fingerprint == checked.fingerprint:
             missing = [e for e in engines if v.engines.get(e.name) != e.generation]
@@ -97,7 +100,7 @@ class AdapterLoader:
         a.profile = checked.profile
         if not missing:
             a.state, a.reason = READY, None
-            return
+            return False, None
         if not serving:
             a.state = AdapterState.LOADING
         async with self._slots:
@@ -111,11 +114,12 @@ class AdapterLoader:
             except GovernorError as exc:
                 self.fail(a, exc, serving)
                 raise
+        old = None
         if fresh:
             self.numbers[a.name] = v.number
             old, a.current = a.current, v
-            if old is not None:
-                await self.retire(old, "replaced")
+        took = fresh or not v.holds_copy  # an evicted version gave its copy up; it holds this one now
+        v.holds_copy = True
         elapsed = time.perf_counter() - started
         a.state, a.reason, a.loaded_at, a.load_seconds = READY, None, time.time(), round(elapsed, 4)
         self.touch(a)
@@ -125,6 +129,7 @@ class AdapterLoader:
         if not a.loaded_once:
             a.loaded_once = True
             self.first_load(a)
+        return took, old
 
     async def _engine_load(self, v: Version, engines: list[EngineClient]) -> None:
         loaded: list[EngineClient] = []
@@ -176,6 +181,7 @@ class AdapterLoader:
             assert victim.current is not None
             victim.state = AdapterState.UNLOADING
             await self.unload_engines(victim.current)
+            self.release_copy(victim.current)  # no engine reads it; a reload validates and stages afresh
             victim.state = AdapterState.EVICTED
             self.metrics.evictions.inc()
             self.metrics.unloads.labels("evicted").inc()
@@ -197,10 +203,15 @@ class AdapterLoader:
         try:
             await self.unload_engines(v)
         finally:
-            self.stager.release(v.fingerprint)  # no engine reads this version's copy any more
+            self.release_copy(v)  # no engine reads this version's copy any more
         if had:
             self.metrics.unloads.labels(v.retired or "api").inc()
             log.info("adapter version unloaded", extra={"upstream": v.internal, "reason": v.retired})
+
+    def release_copy(self, v: Version) -> None:
+        if v.holds_copy:
+            v.holds_copy = False
+            self.stager.release(v.fingerprint)
 
     async def unload_engines(self, v: Version) -> None:
         for engine in self.pool.engines:

@@ -120,10 +120,6 @@ class AdapterStager:
         base = self.engine_root or str(self.root)
         return base.rstrip("/") + "/" + digest
 
-    def in_use(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._refs)
-
     def clear(self) -> None:
         """Remove every staged copy not held now (at start: all of them, left by an earlier run)."""
         if self.refusal:
