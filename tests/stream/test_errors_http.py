@@ -88,6 +88,10 @@ def test_unreadable_event_reaches_the_client_as_sent_under_off(url: str) -> None
     # the byte path does not parse: the client sees the engine's bytes, then the rest of the stream
     r = httpx.post(url + "/v1/chat/completions", json=body("garbage", "off", True), timeout=30)
     assert GARBAGE_EVENT in r.content and r.text.endswith("data: [DONE]\n\n")
+    # without streaming, `off` asks the engine for a plain answer, which is unreadable here: an error, not a 200
+    r = httpx.post(url + "/v1/chat/completions", json=body("garbage", "off", False), timeout=30)
+    assert r.status_code == 503, r.text
+    assert_envelope(r.json()["error"])
 
 
 def test_gateway_still_serves_after_failures(url: str) -> None:
