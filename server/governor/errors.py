@@ -117,9 +117,9 @@ def error_response(exc: GovernorError) -> Response:
     )
 
 
-def from_pydantic(errors: list[Any]) -> InvalidRequest:
+def from_pydantic(errors: list[Any], *, fastapi: bool = False) -> InvalidRequest:
     """The first pydantic error as a 400 naming the field (`messages.0.role`); the one helper for
-    request bodies, whether FastAPI or Governor validated them."""
+    request bodies, whether Governor or FastAPI (`fastapi`: locations start with body/query/…) validated them."""
     if not errors:
         return InvalidRequest("Invalid request body.")
     first = errors[0]
@@ -127,7 +127,7 @@ def from_pydantic(errors: list[Any]) -> InvalidRequest:
         return InvalidRequest("Request body is not valid JSON.", code="invalid_json")
     loc = first.get("loc", ())
     where = ("body", "query", "path", "header", "cookie")
-    parts = [str(p) for p in (loc[1:] if loc and loc[0] in where else loc)]
+    parts = [str(p) for p in (loc[1:] if fastapi and loc and loc[0] in where else loc)]
     param = ".".join(parts) or None
     prefix = f"'{param}': " if param else ""
     return InvalidRequest(f"{prefix}{first.get('msg', 'invalid value')}", param=param)
@@ -135,7 +135,7 @@ def from_pydantic(errors: list[Any]) -> InvalidRequest:
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """A FastAPI-validated body's first error (see `from_pydantic`)."""
-    return from_pydantic(list(exc.errors()))
+    return from_pydantic(list(exc.errors()), fastapi=True)
 
 
 class ClientGone(GovernorError):

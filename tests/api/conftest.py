@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest_asyncio
 from aiohttp import web
+from fastapi import FastAPI
 
 from governor.app import create_app
 from governor.bench.fake_engine import FakeEngine, serve
@@ -27,9 +28,9 @@ USER, ADMIN = "user-key", "admin-key"
 
 class Gateway:
     def __init__(self, client: httpx.AsyncClient, fake: FakeEngine, pool: EnginePool, settings: Settings,
-                 runner: web.AppRunner) -> None:  # fmt: skip
+                 runner: web.AppRunner, app: FastAPI) -> None:  # fmt: skip
         self.client, self.fake, self.pool, self.settings = client, fake, pool, settings
-        self.runner = runner
+        self.runner, self.app = runner, app
 
     async def stop_engine(self) -> None:
         """Stop the fake engine's listener (the engine dies; the gateway keeps running)."""
@@ -73,7 +74,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         assert await pool.engines[0].wait_ready(10)  # type: ignore[attr-defined]
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
         cleanups.append(client.aclose)
-        return Gateway(client, fake, pool, settings, runner)
+        return Gateway(client, fake, pool, settings, runner, app)
 
     try:
         yield build
