@@ -61,10 +61,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--streams", type=int, default=4, help="background streams during the loads")
     args = ap.parse_args()
-    staging = args.adapters_dir.parent / ".bench-hotload-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    made = make_adapters(staging, args.count, args.rank)
+    made_dir = args.adapters_dir.parent / ".bench-hotload-made"
+    shutil.rmtree(made_dir, ignore_errors=True)
+    made_dir.mkdir(parents=True)
+    made = make_adapters(made_dir, args.count, args.rank)
     headers = {"Authorization": f"Bearer {args.admin_key}"}
     stop, results = threading.Event(), []  # type: ignore[var-annotated]
     threads = [threading.Thread(target=background_traffic, args=(args.url, args.model, stop, results))
@@ -76,8 +76,8 @@ def main() -> None:
         for folder in made:
             name = folder.name
             # Outside the watched root's top level would be rejected: place it inside under a hidden
-            # staging name the watcher ignores, then load it through the admin API.
-            dest = args.adapters_dir / f".staged-{name}"
+            # name the watcher ignores, then load it through the admin API (Governor stages its own copy).
+            dest = args.adapters_dir / f".hotload-{name}"
             shutil.copytree(folder, dest)
             start = time.perf_counter()
             r = httpx.post(args.url + "/admin/adapters", headers=headers, json={"name": name, "path": dest.name},
@@ -94,7 +94,7 @@ def main() -> None:
         for name, dest in names:
             httpx.delete(args.url + f"/admin/adapters/{name}", headers=headers, timeout=60)
             shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(made_dir, ignore_errors=True)
     q = statistics.quantiles(seconds, n=20, method="inclusive")
     print(
         f"hot-load of {len(seconds)} rank-{args.rank} adapters (all linear modules): "

@@ -3,6 +3,7 @@ dropped into the watched folder or loaded through the admin API, all without res
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -101,22 +102,96 @@ def test_replacing_weights_changes_output_and_deleting_removes(live: Live, workd
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def admin_load(live: Live, name: str, path: str) -> httpx.Response:
+    return httpx.post(live.url + "/admin/adapters", headers=live.admin(), json={"name": name, "path": path},
+                      timeout=120)  # fmt: skip
+
+
+def hidden_copy(live: Live, source: Path, name: str) -> str:
+    """Copy an adapter under the root's hidden `.api/` folder, which the watcher ignores: only the admin API
+    loads it. Returns the admin path."""
+    shutil.copytree(source, live.adapters_dir / ".api" / name)
+    return f".api/{name}"
+
+
+def evict_all_but_fillers(live: Live, workdir: Path) -> None:
+    """Load as many filler adapters as the server has slots (4, GOVERNOR_MAX_LORAS' default): every other
+    adapter is evicted, and its next use re-validates and re-loads it."""
+    if not (workdir / "filler").exists():
+        random_adapter(workdir / "filler", 71)
+    for i in range(4):
+        name = f"filler-{i}"
+        if not (live.adapters_dir / ".api" / name).exists():
+            hidden_copy(live, workdir / "filler", name)
+        r = admin_load(live, name, f".api/{name}")
+        assert r.status_code == 200, r.text
+        assert answer(live, name)  # used: more recent than anything else
+
+
 def test_concurrent_requests_for_an_unloaded_adapter_load_it_once(live: Live, workdir: Path) -> None:
-    random_adapter(live.adapters_dir.parent / "api-one", 31)
-    shutil.copytree(live.adapters_dir.parent / "api-one", live.adapters_dir / "api-one-src")
-    r = httpx.post(live.url + "/admin/adapters", headers=live.admin(), timeout=60,
-                   json={"name": "api-one", "path": "api-one-src"})  # fmt: skip
-    assert r.status_code in (200, 201), r.text
-    r = httpx.delete(live.url + "/admin/adapters/api-one", headers=live.admin(), timeout=60)
-    assert r.status_code in (200, 204), r.text
-    r = httpx.post(live.url + "/admin/adapters", headers=live.admin(), timeout=60,
-                   json={"name": "api-one", "path": "api-one-src"})  # fmt: skip
-    assert r.status_code in (200, 201), r.text
+    random_adapter(workdir / "api-one", 31)
+    r = admin_load(live, "api-one", hidden_copy(live, workdir / "api-one", "api-one"))
+    assert r.status_code == 200, r.text
+    evict_all_but_fillers(live, workdir)
+    assert adapters(live)["api-one"]["state"] == "evicted"
     before = loads_ok(live)
     with ThreadPoolExecutor(20) as pool:
         codes = list(pool.map(lambda _: chat(live, "api-one", "Hello").status_code, range(20)))
     assert codes == [200] * 20
-    assert loads_ok(live) - before <= 1
+    assert loads_ok(live) - before == 1
+    assert adapters(live)["api-one"]["state"] == "ready"
+
+
+def test_engine_serves_only_validated_weights_whatever_happens_to_the_folder(live: Live, workdir: Path) -> None:
+    """Issue L: the folder is swapped after validation (new weights, a symlink, a pickle instead of the
+    safetensors). The engine keeps serving Governor's staged copy of the validated bytes; after an eviction the
+    next load validates the folder as it is: a new push is served exactly, anything else is a 4xx."""
+    import pickle
+
+    random_adapter(workdir / "valid-a", 81)
+    random_adapter(workdir / "push-b", 82)
+    marker = workdir / "pickle-was-opened"
+    prompt = "Write one sentence about rivers."
+    r = admin_load(live, "push-b-ref", hidden_copy(live, workdir / "push-b", "push-b-ref"))
+    assert r.status_code == 200, r.text
+    served_b = answer(live, "push-b-ref", prompt)
+    folders = {}
+    for attack in ("weights", "symlink", "pickle"):
+        path = hidden_copy(live, workdir / "valid-a", f"swap-{attack}")
+        folders[attack] = live.adapters_dir / path
+        r = admin_load(live, f"swap-{attack}", path)
+        assert r.status_code == 200, r.text
+    served_a = answer(live, "swap-weights", prompt)
+    assert served_a != served_b
+
+    weights = "adapter_model.safetensors"
+    shutil.copyfile(workdir / "push-b" / weights, folders["weights"] / ".incoming")
+    os.replace(folders["weights"] / ".incoming", folders["weights"] / weights)
+    (folders["symlink"] / weights).unlink()
+    (folders["symlink"] / weights).symlink_to(workdir / "push-b" / weights)
+    (folders["pickle"] / weights).unlink()
+    (folders["pickle"] / "adapter_model.bin").write_bytes(pickle.dumps(MarkerOnUnpickle(str(marker))))
+    for attack in folders:  # loaded: the engine reads nothing of the folder
+        assert answer(live, f"swap-{attack}", prompt) == served_a
+
+    evict_all_but_fillers(live, workdir)
+    assert {adapters(live)[f"swap-{a}"]["state"] for a in folders} == {"evicted"}
+    assert answer(live, "swap-weights", prompt) == served_b  # the new push, validated, exactly
+    for attack, word in (("symlink", "symlink"), ("pickle", "pickle")):
+        r = chat(live, f"swap-{attack}", prompt)
+        assert 400 <= r.status_code < 500 and word in r.json()["error"]["message"], r.text
+    assert not marker.exists()
+    assert ready(live.url)
+
+
+class MarkerOnUnpickle:
+    """Unpickling this (torch.load with weights_only=False) would create the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (self.marker, "w"))
 
 
 def test_requests_in_flight_during_a_hot_load_complete(live: Live, workdir: Path) -> None:
@@ -189,3 +264,14 @@ def test_alpaca_profile_stops_at_its_template(live: Live, workdir: Path) -> None
     assert "### Instruction:" in str(raw["text"])  # without its template's stop it runs on
     assert "### Instruction:" not in str(profiled["text"])
     assert str(profiled["text"]).strip() and profiled["finish_reason"] == "stop"
+
+
+def test_refused_admin_loads_are_not_persisted(live: Live, workdir: Path) -> None:
+    """After the hostile loads above, the state file holds only adapters that loaded (ready or evicted)."""
+    r = admin_load(live, "never-persisted", "/etc")
+    assert r.status_code == 400, r.text
+    saved = json.loads((live.adapters_dir.parent / "state" / "adapters.json").read_text())
+    names = {e["name"] for e in saved["adapters"]}
+    states = {name: a["state"] for name, a in adapters(live).items()}
+    assert names and all(states.get(n) in ("ready", "evicted") for n in names), (names, states)
+    assert not names & {"never-persisted", "ok-name", "escape", "pickled", "big-rank", "missing"}
