@@ -318,3 +318,17 @@ async def test_engine_pool_without_ready_engine(tmp_path: Path, base_info, root:
         await registry.load("a", "a")
     assert state(registry, "a") == "discovered"
     await registry.stop()
+
+
+def test_state_file_is_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from governor.lora import store as store_mod
+    from governor.lora.store import RegistryStore
+
+    store = RegistryStore(tmp_path)
+    entries = [{"name": f"a{i}", "path": f"a{i}", "pinned": False, "source": "api"} for i in range(1100)]
+    store.save(entries)
+    loaded = store.load()
+    assert len(loaded) == store_mod.MAX_ENTRIES and loaded[0]["name"] == "a0" and loaded[0]["loaded"]
+    store.path.write_text(" " * (store_mod.MAX_BYTES + 1))
+    assert store.load() == []
+    assert "larger than" in caplog.text
