@@ -17,6 +17,7 @@ from governor.errors import install_handlers
 from governor.metrics.engine import EngineScraper
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
+from governor.metrics.model_server import ModelServerSeries
 from governor.policy.builder import Policy
 from governor.quota import Quotas
 from governor.readiness import PROBE_REQUEST, Readiness
@@ -33,7 +34,11 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     gpu = GpuCollector(metrics.total_output_tokens)
     metrics.registry.register(gpu)
     metrics.registry.register(EngineCollector(lambda: pool.engines))
-    engine_scraper = EngineScraper()
+    adapters = registry.slots if registry is not None else lambda: ()
+    model_server = ModelServerSeries(
+        metrics.flights, lambda: pool.served_model, settings.max_loras if settings.lora else None, adapters
+    )
+    engine_scraper = EngineScraper(model_server=model_server)
     if registry is not None:
         metrics.registry.register(registry.metrics)
     metrics.bound_labels(lambda: _known_models(pool, registry))

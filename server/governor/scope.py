@@ -19,6 +19,7 @@ from types import TracebackType
 from governor.endpoint import Endpoint
 from governor.errors import ClientGone, GovernorError, InvalidRequest
 from governor.metrics.gateway import GatewayMetrics
+from governor.metrics.model_server import Flight
 from governor.quota import QuotaLease
 from governor.stream.relay import RelayStats
 from governor.target import Target
@@ -66,6 +67,7 @@ class RequestScope:
         self.target: Target | None = None
         self.stats: RelayStats | None = None
         self.quota: QuotaLease | None = None
+        self.flight: Flight | None = None  # waiting → running → ended, for the model-server series
         self._held = contextlib.ExitStack()  # engine lease, upstream abort, adapter lease
         self._detached = False
         self._closed = False
@@ -114,6 +116,15 @@ class RequestScope:
     def enter(self, lease: contextlib.AbstractContextManager[object]) -> object:
         """Hold a lease (a context manager) until the scope closes."""
         return self._held.enter_context(lease)
+
+    def admitted(self) -> None:
+        """The request goes to an engine: it counts as waiting until `first_token`, until the scope closes."""
+        self.flight = self.metrics.flights.admit(self.target.adapter if self.target else None)
+        self._held.callback(self.flight.end)
+
+    def first_token(self) -> None:
+        if self.flight is not None:
+            self.flight.started()
 
     def on_close(self, release: Callable[[], None]) -> None:
         self._held.callback(release)

@@ -115,10 +115,12 @@ class GenerationService:
             if decision.loop is not None:
                 opts["continuous_usage_stats"] = True  # exact usage even when Governor cuts the stream
             body["stream"], body["stream_options"] = True, opts
+        scope.admitted()
         upstream = await self._open_any(scope, target, body, seqs)
         relay = Relay(upstream, kind=endpoint.kind, n=req.prompt_count() * req.n, loop=decision.loop,
                       client_usage=req.wants_usage, client_continuous=req.wants_continuous_usage,
-                      request_id=scope.request_id, on_error=self.metrics.stream_error)  # fmt: skip
+                      request_id=scope.request_id, on_error=self.metrics.stream_error,
+                      on_first_token=scope.first_token)  # fmt: skip
         headers = {"X-Request-Id": scope.request_id}
         if req.stream:
             return _stream_response(scope, relay, target)
@@ -129,6 +131,7 @@ class GenerationService:
                 scope.record(relay.stats)
             data["model"] = target.public_name
             return Response(orjson.dumps(data), media_type="application/json", headers=headers)
+        scope.first_token()  # vLLM's non-streamed answer gives no first-token signal: running from here
         return await _passthrough(scope, upstream, target, headers)
 
     async def _open_any(self, scope: RequestScope, target: Target, body: dict[str, Any], seqs: int) -> Upstream:

@@ -12,6 +12,7 @@ from prometheus_client.metrics_core import Metric
 
 from governor.bench.fake_engine import FakeEngine
 from governor.metrics.gateway import OTHER
+from governor.metrics.model_server import REPLACED
 from tests.api.conftest import ADMIN, GatewayFactory, chat_body, gateway  # noqa: F401
 from tests.metrics.traffic import ADAPTER, exercise, families, scrape
 
@@ -61,6 +62,14 @@ class VllmLikeEngine(FakeEngine):
 
     async def metrics(self, _: web.Request) -> web.Response:
         return web.Response(text=VLLM_TEXT, content_type="text/plain")
+
+
+# One line of the text format: HELP, TYPE, or a sample `name{labels} value` with a number for the value.
+EXPOSITION_LINE = re.compile(
+    r"# HELP [a-zA-Z_:][\w:]* .*|# TYPE [a-zA-Z_:][\w:]* (counter|gauge|histogram|summary|untyped)"
+    r'|[a-zA-Z_:][\w:]*(\{([a-zA-Z_]\w*="([^"\\\n]|\\.)*",?)*\})? '
+    r"([-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|Inf)|NaN)( -?\d+)?"
+)
 
 
 def gpu_count() -> int:
@@ -135,10 +144,15 @@ async def test_vllm_engine_label_is_renamed(gateway: GatewayFactory) -> None:  #
     found = check_well_formed(text)
     assert "python_gc_objects_collected" not in found, "engine process metrics must not collide with the gateway's"
     vllm_lines = [line for line in text.splitlines() if line.startswith("vllm:")]
-    assert len(vllm_lines) == 7, vllm_lines  # the two `_created` series dropped
     for line in vllm_lines:
-        assert len(re.findall(r'[{,]engine="', line)) == 1, line
-    for name in ("vllm:num_requests_running", "vllm:generation_tokens", "vllm:time_to_first_token_seconds"):
+        assert len(re.findall(r'[{,]engine="', line)) <= 1, line
+    # Re-exported: all but the two `_created` series and the families Governor exports itself (model_server.py).
+    reexported = [line for line in vllm_lines if re.split(r"[{ ]", line, maxsplit=1)[0] not in REPLACED]
+    assert len(reexported) == 5, reexported
+    assert all(len(re.findall(r'[{,]engine="', line)) == 1 for line in reexported), reexported
+    running = found["vllm:num_requests_running"].samples
+    assert [s.labels for s in running] == [{"engine": "fake-0", "model_name": "fake-model"}], running
+    for name in ("vllm:generation_tokens", "vllm:time_to_first_token_seconds"):
         for sample in found[name].samples:
             assert sample.labels["engine"] == "fake-0" and sample.labels["vllm_engine"] == "0", sample
             assert sample.labels["model_name"] == "fake-model", sample
@@ -146,8 +160,8 @@ async def test_vllm_engine_label_is_renamed(gateway: GatewayFactory) -> None:  #
     assert sample_value(found["vllm:generation_tokens"]) == 42
     buckets = [s for s in found["vllm:time_to_first_token_seconds"].samples if s.name.endswith("_bucket")]
     assert {s.labels["le"] for s in buckets} == {"0.1", "+Inf"}
-    info = found["vllm:lora_requests_info"].samples
-    assert [s.labels.get("engine") for s in info] == ["fake-0"] and "vllm_engine" not in info[0].labels
+    info = found["vllm:lora_requests_info"].samples  # Governor's own, with vLLM's labels and nothing more
+    assert [s.labels for s in info] == [{"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}]
 
 
 async def test_model_label_stays_bounded(gateway: GatewayFactory) -> None:  # noqa: F811
@@ -179,13 +193,17 @@ async def test_metrics_answer_when_the_engine_is_down(gateway: GatewayFactory) -
     deadline = time.monotonic() + 15
     while True:
         found = check_well_formed(await scrape(gw))
-        engine_series = [name for name in found if name.startswith("vllm:")]
+        # Governor's own model-server families stay (they are its request state); the engine's copy goes.
+        engine_series = [name for name in found if name.startswith("vllm:") and name not in REPLACED]
         if sample_value(found["governor_engine_up"], engine="fake-0") == 0 and not engine_series:
             break  # the copy of its metrics goes at the next background refresh (1 s)
         assert time.monotonic() < deadline, "the gateway did not notice the engine went down"
         await asyncio.sleep(0.1)
     r = await gw.client.get("/metrics")
     assert r.status_code == 200
-    assert not [name for name in families(r.text) if name.startswith("vllm:")]
-    assert "error" not in r.text.lower()
+    assert not [name for name in families(r.text) if name.startswith("vllm:") and name not in REPLACED]
+    assert not {"vllm:kv_cache_usage_perc", "vllm:cache_config_info"} & set(families(r.text)), "read off the engine"
+    # Nothing but exposition lines: no error text from the failed engine fetch slipped into the body.
+    for line in r.text.rstrip("\n").split("\n"):
+        assert EXPOSITION_LINE.fullmatch(line), line
     assert sample_value(found["governor_gpu_available"]) in (0.0, 1.0)

@@ -106,6 +106,10 @@ class AdapterRegistry:
         gone = (AdapterState.FAILED, AdapterState.UNLOADING)
         return sorted(n for n, a in self._adapters.items() if a.state not in gone)
 
+    def slots(self) -> list[tuple[str, bool, bool]]:
+        """(name, loaded on the engines, pinned) per registered adapter: the model-server series."""
+        return [(n, a.state == READY, a.pinned) for n, a in self._adapters.items()]
+
     def known_names(self) -> list[str]:
         """Every registered name (bounds metric label values)."""
         return sorted(self._adapters)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from governor.engine.base import EngineClient
 from governor.metrics.families import Families
+from governor.metrics.model_server import REPLACED, EngineCache, ModelServerSeries
 
 # How often each engine's /metrics is fetched while Governor is being scraped.
 ENGINE_REFRESH_SECONDS = 1.0
@@ -26,8 +27,10 @@ _COMMENT = re.compile(r"\n#[^\n]*")
 def _relabel(text: str, engine: str) -> str:
     """Every vllm:* sample gets ``engine="<engine>"``; vLLM's own `engine` label (its data-parallel
     index) becomes `vllm_engine`; `_created` samples go: prometheus_client's creation timestamps,
-    which the gateway disables for itself (app.py) and no dashboard reads. Other families are
-    dropped later, so their lines are left alone. ~1 µs a line (a regex sub with a template was 3x that)."""
+    which the gateway disables for itself (app.py) and no dashboard reads. A sample with `@` in it goes:
+    after a hot-swap the engine knows an adapter as `name@2`, a name no client can ask for, and no label
+    value Governor exports carries one. Other families are dropped later, so their lines are left alone.
+    ~1 µs a line (a regex sub with a template was 3x that)."""
     text = text.replace('{engine="', '{vllm_engine="').replace(',engine="', ',vllm_engine="')
     label = f'engine="{engine}"'
     first, only = "{" + label + ",", "{" + label + "}"
@@ -40,7 +43,7 @@ def _relabel(text: str, engine: str) -> str:
             name_end = line.find("{", 0, space)
             if name_end < 0:
                 name_end = space
-            if line[name_end - 8 : name_end] == "_created":
+            if line[name_end - 8 : name_end] == "_created" or "@" in line:
                 continue
             if name_end == space:
                 line = line[:space] + only + line[space:]
@@ -52,8 +55,9 @@ def _relabel(text: str, engine: str) -> str:
     return "\n".join(out)
 
 
-def merge(texts: Sequence[tuple[str, str | None]]) -> str:
-    """Combine (engine name, metrics text) pairs into one exposition; samples of a family stay together."""
+def merge(texts: Sequence[tuple[str, str | None]], drop: frozenset[str] = frozenset()) -> str:
+    """Combine (engine name, metrics text) pairs into one exposition; samples of a family stay together.
+    Families named in `drop` are left out (Governor exports its own of those names)."""
     merged: dict[str, list[str]] = {}
     for engine, text in texts:
         if not text:
@@ -61,7 +65,7 @@ def merge(texts: Sequence[tuple[str, str | None]]) -> str:
         blocks = ("\n" + _relabel(text.rstrip("\n"), engine)).split(_FAMILY)
         for block in blocks[1:]:  # what precedes the first HELP belongs to no family
             name = block.split(" ", 1)[0]
-            if not name.startswith("vllm:") or name.endswith("_created"):
+            if not name.startswith("vllm:") or name.endswith("_created") or name in drop:
                 continue  # process/python metrics of the engine would collide with the gateway's own
             target = merged.get(name)
             if target is None:
@@ -81,14 +85,23 @@ class EngineScraper:
     stops after ``idle_stop`` seconds without a scrape; the scrape that starts it (the first, or the
     first after a long idle) waits for fresh copies. ``governor_engine_metrics_age_seconds`` says how
     old each engine's copy is; an engine whose fetch fails has no copy (its series go, and
-    ``governor_engine_up`` says why).
+    ``governor_engine_up`` says why). With a `model_server`, its families replace the engine's of the
+    same names (see metrics/model_server.py) and are rendered at every scrape from Governor's state.
     """
 
-    def __init__(self, refresh: float = ENGINE_REFRESH_SECONDS, idle_stop: float = 300.0) -> None:
+    def __init__(
+        self,
+        refresh: float = ENGINE_REFRESH_SECONDS,
+        idle_stop: float = 300.0,
+        model_server: ModelServerSeries | None = None,
+    ) -> None:
         self.refresh = refresh
         self.idle_stop = idle_stop
         self._engines: Sequence[EngineClient] = ()
         self._copies: dict[str, tuple[float, str]] = {}  # engine -> (fetched at, text)
+        self._caches: dict[str, EngineCache] = {}  # engine -> KV cache state parsed from its copy
+        self.model_server = model_server
+        self._drop = REPLACED if model_server is not None else frozenset()
         self._merged: str | None = None  # merge of the current copies
         self._task: asyncio.Task[None] | None = None
         self._fetched = asyncio.Event()  # set once the running poller's first fetch is done
@@ -107,8 +120,11 @@ class EngineScraper:
         for engine, text in zip(engines, texts, strict=True):
             if text is None:
                 self._copies.pop(engine.name, None)
+                self._caches.pop(engine.name, None)
             else:
                 self._copies[engine.name] = (now, text)
+                if self.model_server is not None:
+                    self._caches[engine.name] = EngineCache.parse(text)
         self._merged = None
 
     async def _poll(self, fetched: asyncio.Event) -> None:
@@ -132,7 +148,7 @@ class EngineScraper:
         await self._fetched.wait()
         if self._merged is None:
             self._merged = merge(
-                [(e.name, self._copies[e.name][1] if e.name in self._copies else None) for e in engines]
+                [(e.name, self._copies[e.name][1] if e.name in self._copies else None) for e in engines], self._drop
             )
         now = time.monotonic()
         for engine in engines:
@@ -141,7 +157,11 @@ class EngineScraper:
                 self._age.remove(engine.name)
             else:
                 self._age.labels(engine.name).set(now - copy[0])
-        return self._merged + self._families.render().decode()
+        out = self._merged + self._families.render().decode()
+        if self.model_server is not None:
+            names = [e.name for e in engines]
+            out += self.model_server.render(names, [self._caches.get(name) for name in names])
+        return out
 
     async def close(self) -> None:
         if self._task is not None:

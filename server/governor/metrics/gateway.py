@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from governor.engine.base import EngineClient, EngineState
 from governor.metrics.families import Families
+from governor.metrics.model_server import Flights
 
 # Latency buckets sized for LLM serving: TTFT from ~5 ms (GPU, short prompt) to minutes (queued on CPU).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -47,6 +48,8 @@ class GatewayMetrics:
             "governor_stream_errors", "Responses that failed after they started, by reason.", ("reason",)
         )
         self._known: Callable[[], Iterable[str]] = lambda: ()
+        # Requests admitted to an engine, waiting or running, per adapter: the model-server series.
+        self.flights = Flights()
 
     def bound_labels(self, known: Callable[[], Iterable[str]]) -> None:
         """Only names from `known` (base model + registered adapters) get their own label value."""

@@ -91,10 +91,12 @@ class Relay:
         client_continuous: bool,
         request_id: str = "-",
         on_error: Callable[[str], None] | None = None,
+        on_first_token: Callable[[], None] | None = None,
     ) -> None:
         self.upstream = upstream
         self.request_id = request_id
         self.on_error = on_error  # counts a failure by reason (governor_stream_errors_total)
+        self.on_first_token = on_first_token  # waiting → running in the model-server series
         self.kind = kind
         self.n = max(1, n)
         self.loop = loop
@@ -119,6 +121,8 @@ class Relay:
             async for chunk in chunks:
                 if self.stats.first_token_at is None:
                     self.stats.first_token_at = time.monotonic()
+                    if self.on_first_token is not None:
+                        self.on_first_token()
                 block = splitter.feed_block(chunk)
                 if not block:
                     continue
