@@ -75,6 +75,8 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         degraded=policy.info.degraded(),
     )
     quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency, settings.address_concurrency)
+    if registry is not None:  # adapter profiles are compiled (and refused) when an adapter loads
+        registry.loader.compile_profile = lambda profile: policy_ref().compile_profile(profile)
     app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry, quotas)
     install_handlers(app)
     _document_request_models(app)

@@ -53,7 +53,7 @@ class Adapter:
     state: AdapterState = AdapterState.DISCOVERED
     reason: str | None = None
     current: Version | None = None
-    profile: dict[str, Any] | None = None
+    profile: Any = None  # governor.json as read, or compiled by the policy (AdapterLoader.compile_profile)
     loaded_at: float | None = None
     last_used: float = 0.0  # wall clock, for display
     lru: int = 0  # registry tick of the last use: eviction order, immune to clock jumps

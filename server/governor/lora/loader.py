@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from governor.engine.base import EngineClient, EngineState
 from governor.engine.pool import EnginePool
@@ -54,6 +55,9 @@ class AdapterLoader:
         # Called between validation and the engine load; tests widen that window with it.
         self.after_validation: Callable[[ValidatedAdapter], Awaitable[None]] | None = None
         self.numbers: dict[str, int] = {}  # last version number per name: internal names are never reused
+        # Set by the composition root to the policy's compile_profile: a bad governor.json fails the
+        # adapter when it loads, with the reason, instead of every request to it.
+        self.compile_profile: Callable[[dict[str, Any]], object] | None = None
         self._slots = asyncio.Lock()
         self._tick = 0
 
@@ -75,9 +79,17 @@ class AdapterLoader:
             raise
         took, old = False, None  # whether a version took over validation's reference to the staged copy
         try:
+            profile: object = checked.profile
+            if checked.profile is not None and self.compile_profile is not None:
+                try:
+                    profile = self.compile_profile(checked.profile)
+                except GovernorError as exc:
+                    self.fail(a, exc, serving)
+                    raise
             if self.after_validation is not None:
                 await self.after_validation(checked)
             took, old = await self._load_checked(a, checked, engines, before, occupying, serving, started)
+            a.profile = profile
         finally:
             if not took:
                 self.stager.release(checked.fingerprint)
