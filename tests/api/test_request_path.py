@@ -65,8 +65,10 @@ async def test_refusals_are_counted(gateway: GatewayFactory) -> None:
     assert bad_timeout.status_code in (400, 429)  # the quota is spent; either refusal must be counted
     malformed = await gw.client.post("/v1/chat/completions", content=b"{", headers=bearer(USER))
     assert malformed.status_code == 400
+    wrong_key = await gw.client.post("/v1/chat/completions", json=chat_body(), headers=bearer("nope"))
+    assert wrong_key.status_code == 401
     metrics = (await gw.client.get("/metrics")).text
-    assert requests_total(metrics, "200") == 1
+    assert requests_total(metrics, "200") == 1 and requests_total(metrics, "401") == 1
     assert requests_total(metrics, "429") + requests_total(metrics, "400") == 3
     assert "governor_requests_in_flight 0.0" in metrics
 

@@ -7,13 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from governor.api import auth
 from governor.api.body import read_json
 from governor.api.deps import ClientDep, ServiceDep, SettingsDep, user_auth
 from governor.endpoint import ENDPOINTS, Kind
 from governor.errors import ModelNotFound
 from governor.request import ChatCompletionRequest, CompletionRequest, parse_request
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(user_auth)], tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 # Request models documented in the OpenAPI schema; their nested models go to components (app.py).
@@ -44,12 +45,12 @@ def model_cards(request: Request) -> list[dict[str, Any]]:
     return [c for c in cards if c["id"]]
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[Depends(user_auth)])
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": model_cards(request)}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", dependencies=[Depends(user_auth)])
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     for card in model_cards(request):
         if card["id"] == model:
@@ -59,8 +60,9 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 
 async def _generate(kind: Kind, request: Request, service: ServiceDep, client: ClientDep,
                     settings: SettingsDep) -> Response:  # fmt: skip
-    # The scope opens first, so that every outcome (a malformed body too) is counted.
+    # The scope opens first, so that every outcome (a refused key, a malformed body) is counted.
     async with service.scope(ENDPOINTS[kind], client) as scope:
+        auth.check_user(settings, request)  # before the body is read
         req = parse_request(kind, await read_json(request, settings.max_body_bytes), settings)
         return await service.generate(scope, req)
 
