@@ -3,6 +3,7 @@ per test session; unit tests use the fake engine over real HTTP instead."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -41,13 +42,15 @@ class Live:
         return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
     def engine_pids(self) -> list[int]:
-        """The vLLM API server processes the gateway supervises."""
+        """The vLLM API server processes the gateway supervises (each under its watchdog)."""
         parent = psutil.Process(self.proc.pid)
-        return [
-            p.pid
-            for p in parent.children(recursive=False)
-            if any("vllm.entrypoints.openai.api_server" in part for part in p.cmdline())
-        ]
+        server = ["vllm.entrypoints.openai.api_server"]
+        pids = []
+        for p in parent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if p.cmdline()[2:3] == server:
+                    pids.append(p.pid)
+        return pids
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

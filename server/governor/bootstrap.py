@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -10,9 +11,10 @@ from typing import Any
 from governor import embedded
 from governor.engine import compat
 from governor.engine.base import EngineClient
+from governor.engine.devices import plan_engines
 from governor.engine.flags import detect_device, engine_command, engine_env
 from governor.engine.pool import EnginePool
-from governor.engine.process import VllmProcess, free_port
+from governor.engine.process import VllmProcess, private_socket_dir
 from governor.engine.remote import RemoteEngine
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.registry import AdapterRegistry
@@ -40,7 +42,8 @@ def resolve_model(settings: Settings) -> tuple[str, str, Path | None]:
 def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
     if settings.engine_url:
         engines: list[EngineClient] = [
-            RemoteEngine(f"remote-{i}", url, settings.served_model_name) for i, url in enumerate(settings.engine_url)
+            RemoteEngine(f"remote-{i}", url, settings.served_model_name, api_key=settings.engine_api_key)
+            for i, url in enumerate(settings.engine_url)
         ]
         # The same policy as a local engine: the model's files from GOVERNOR_MODEL, or from the root
         # the engine reports, when they are on this machine.
@@ -50,19 +53,32 @@ def build_pool(settings: Settings) -> tuple[EnginePool, Path | None]:
     device = detect_device(settings.device)
     log.info("engine profile: %s; model: %s (served as '%s')", device, model, served)
     compat.warn_if_unsupported(log)
+    plan = plan_engines(settings.engines, device, settings.engine_args, settings.gpu_memory_utilization)
+    # Engines sharing a GPU start one at a time: each checks free memory against its share at start.
+    start_locks: dict[int | None, asyncio.Lock] = {
+        g.share_group: asyncio.Lock() for g in plan if g.share_group is not None
+    }
+    # Engines listen on Unix sockets in a directory only this user can enter, unless a port is asked for.
+    socket_dir = None if settings.engine_port else private_socket_dir()
     engines = []
-    for i in range(settings.engines):
-        port = settings.engine_port + i if settings.engine_port else free_port()
+    for i, share in enumerate(plan):
+        port = settings.engine_port + i if settings.engine_port else 0
+        uds = socket_dir / f"engine-{i}.sock" if socket_dir else None
+        if share.visible is not None:
+            log.info("engine-%d: CUDA_VISIBLE_DEVICES=%s, gpu memory %.3f", i, share.visible, share.memory_utilization)
         engines.append(
             VllmProcess(
                 name=f"engine-{i}",
-                command=engine_command(settings, model, served, port, device),
-                env=engine_env(settings, device),
-                port=port,
+                command=engine_command(settings, model, served, port, device, uds, share.memory_utilization),
+                env=engine_env(settings, device, share.visible),
                 served_model=served,
                 log_path=settings.cache_dir / "logs" / f"engine-{i}.log",
                 start_timeout=settings.engine_start_timeout,
                 backoff_max=settings.restart_backoff_max,
+                socket_path=uds,
+                port=port,
+                record=settings.resolved_state_dir / "engines" / f"engine-{i}.json",
+                start_lock=start_locks.get(share.share_group),
             )
         )
     return EnginePool(engines, settings.max_running + settings.max_queued), local

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from governor.settings import Settings
 
@@ -38,13 +39,25 @@ def lora_rank_flag(max_rank: int) -> int:
     return next((r for r in _LORA_RANKS if r >= max_rank), _LORA_RANKS[-1])
 
 
-def engine_command(settings: Settings, model: str, served_name: str, port: int, device: str) -> list[str]:
+def engine_command(
+    settings: Settings,
+    model: str,
+    served_name: str,
+    port: int,
+    device: str,
+    uds: Path | None = None,
+    memory_utilization: float | None = None,
+) -> list[str]:
+    """vLLM's command line: on the Unix socket `uds` when given, else on loopback `port`.
+
+    No secret ever goes here (the command line is readable by every user in /proc): the engine's key
+    travels in its environment (VLLM_API_KEY)."""
+    listen = ["--uds", str(uds)] if uds else ["--host", "127.0.0.1", "--port", str(port)]
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
         "--served-model-name", served_name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
+        *listen,
         "--max-model-len", str(settings.max_model_len),
         "--disable-uvicorn-access-log",
         "--logits-processors", *PROCESSORS,
@@ -53,7 +66,7 @@ def engine_command(settings: Settings, model: str, served_name: str, port: int, 
         # bf16 falls back to a slow matmul on CPUs without AMX: float32 is ~2.5x faster there.
         cmd += ["--dtype", "float32"]
     else:
-        cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        cmd += ["--gpu-memory-utilization", str(memory_utilization or settings.gpu_memory_utilization)]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
     if settings.lora:
@@ -67,9 +80,14 @@ def engine_command(settings: Settings, model: str, served_name: str, port: int, 
     return cmd
 
 
-def engine_env(settings: Settings, device: str) -> dict[str, str]:
-    """The child's environment: the operator's, plus what vLLM needs for Governor's features."""
-    env = dict(os.environ)
+def engine_env(settings: Settings, device: str, cuda_visible: str | None = None) -> dict[str, str]:
+    """The child's environment: the operator's, plus what vLLM needs for Governor's features.
+
+    Governor's own settings (API and admin keys among them) stay out: the engine needs none of them.
+    An inherited VLLM_API_KEY goes too; the engine's key is Governor's to set (VllmProcess)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVERNOR_") and k != "VLLM_API_KEY"}
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters are loaded at runtime by the registry
     env.setdefault("PYTHONUNBUFFERED", "1")
     if device == "cpu":

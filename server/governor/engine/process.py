@@ -1,16 +1,29 @@
-"""VllmProcess: starts a vLLM server as a child process, watches it and restarts it when it dies."""
+"""VllmProcess: starts a vLLM server as a child process, watches it and restarts it when it dies.
+
+The engine listens on a Unix socket in a directory only Governor's user can enter, and wants a key
+that only Governor holds (VLLM_API_KEY in its environment: a command line is readable by everyone in
+/proc). It runs under governor.engine.watchdog, so it dies with Governor however Governor dies.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import json
 import logging
 import os
+import secrets
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
+
+import psutil
 
 from governor.engine.base import EngineState
 from governor.engine.remote import HEALTH_FAILURES_DOWN, HEALTH_INTERVAL, RemoteEngine
@@ -20,7 +33,10 @@ log = logging.getLogger("governor.engine")
 PROGRESS_EVERY = 10.0
 # An engine that stayed up this long earned a fresh backoff.
 STABLE_SECONDS = 120.0
+# The watchdog's own grace (watchdog.GRACE) is shorter: it kills what is left before we have to.
 STOP_GRACE = 10.0
+# sun_path is 108 bytes on Linux, with the terminating NUL.
+_SOCKET_PATH_MAX = 107
 
 
 def free_port() -> int:
@@ -29,44 +45,88 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the gateway dies, so a crash never leaves an orphan engine."""
+def private_socket_dir() -> Path:
+    """A fresh directory only this user can enter (mkdtemp makes it 0700), short enough for a socket path."""
+    for base in (None, "/tmp"):
+        path = Path(tempfile.mkdtemp(prefix="governor-", dir=base))
+        if len(str(path / "engine-00.sock").encode()) <= _SOCKET_PATH_MAX:
+            return path
+        path.rmdir()
+    raise RuntimeError("no temporary directory short enough for a Unix socket path")
+
+
+def _watchdog_gets_signal_on_our_death() -> None:
+    """In the child, before exec: SIGUSR1 when Governor dies (the watchdog then checks getppid)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def sweep_stale(record: Path) -> None:
+    """Kill what a previous Governor's engine left behind, if its watchdog died too (e.g. SIGKILL to both).
+
+    The record names the watchdog, which led the engine's process group. While the watchdog lives it
+    cleans up by itself, and a live process with that pid that is not ours means the pid was reused:
+    either way, nothing to do. Otherwise every process of ours still in that group is an orphan.
+    """
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        data = json.loads(record.read_text())
+        group = int(data["watchdog"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    uid = os.getuid()
+    if not psutil.pid_exists(group):
+        for proc in psutil.process_iter(["uids"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.info["uids"] and proc.info["uids"].real == uid and os.getpgid(proc.pid) == group:
+                    log.warning("killing orphaned engine process %d (%s)", proc.pid, " ".join(proc.cmdline())[:80])
+                    proc.kill()
+        stale_dir = data.get("socket_dir")
+        if stale_dir and Path(stale_dir).name.startswith("governor-"):
+            shutil.rmtree(stale_dir, ignore_errors=True)
+    record.unlink(missing_ok=True)
 
 
 class VllmProcess(RemoteEngine):
-    """A supervised local vLLM server on a loopback port."""
+    """A supervised local vLLM server on a private Unix socket (or a loopback port, when asked)."""
 
     def __init__(
         self,
         name: str,
         command: list[str],
         env: dict[str, str],
-        port: int,
         served_model: str,
         log_path: Path,
         start_timeout: float,
         backoff_max: float,
+        socket_path: Path | None = None,
+        port: int = 0,
+        record: Path | None = None,
+        start_lock: asyncio.Lock | None = None,
     ) -> None:
-        super().__init__(name, f"http://127.0.0.1:{port}", served_model)
+        """command listens on socket_path (--uds) or on the loopback port; record: where the watchdog's
+        pid is kept for the next start's sweep; start_lock: held from spawn to healthy (shared GPU)."""
+        api_key = secrets.token_urlsafe(32)
+        super().__init__(name, f"http://127.0.0.1:{port}" if port else "http://engine", served_model,
+                         api_key=api_key, socket_path=socket_path)  # fmt: skip
         self.command = command
-        self.env = env
+        self.env = {**env, "VLLM_API_KEY": api_key}
         self.log_path = log_path
         self.start_timeout = start_timeout
         self.backoff_max = backoff_max
+        self.record = record
+        self.start_lock = start_lock
         self.restarts = 0
         self.proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
+        """The watchdog's pid; it leads the engine's process group."""
         return self.proc.pid if self.proc and self.proc.returncode is None else None
 
     async def start(self) -> None:
+        if self.record:
+            sweep_stale(self.record)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
 
     async def stop(self) -> None:
@@ -77,13 +137,21 @@ class VllmProcess(RemoteEngine):
             await asyncio.gather(self._supervisor, return_exceptions=True)
         await self._kill()
         await super().stop()
+        if self.socket_path:
+            self.socket_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.socket_path.parent.rmdir()  # the engines' private directory, once the last one stopped
+        if self.record:
+            self.record.unlink(missing_ok=True)
 
     async def _supervise(self) -> None:
         backoff = 1.0
         while self.state != EngineState.STOPPED:
             started = time.monotonic()
-            await self._spawn()
-            if await self._wait_healthy():
+            async with self.start_lock or contextlib.nullcontext():
+                await self._spawn()
+                healthy = await self._wait_healthy()
+            if healthy:
                 await self._became_ready()
                 await self._watch()
             if self.state == EngineState.STOPPED:
@@ -99,17 +167,23 @@ class VllmProcess(RemoteEngine):
 
     async def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path:
+            self.socket_path.unlink(missing_ok=True)  # vLLM binds it and fails on a leftover
         log.info("starting engine %s: %s (log: %s)", self.name, " ".join(self.command[2:6]), self.log_path)
         with open(self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command,
+                sys.executable, "-m", "governor.engine.watchdog", str(os.getpid()), "--", *self.command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
-                start_new_session=True,  # its own process group: we stop vLLM and its workers together
-                preexec_fn=_die_with_parent,
-            )
+                start_new_session=True,  # the watchdog leads a process group: the last resort kills it whole
+                preexec_fn=_watchdog_gets_signal_on_our_death,
+            )  # fmt: skip
+        if self.record:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            socket_dir = str(self.socket_path.parent) if self.socket_path else None
+            self.record.write_text(json.dumps({"watchdog": self.proc.pid, "socket_dir": socket_dir}))
         self.state = EngineState.STARTING
 
     async def _wait_healthy(self) -> bool:
@@ -155,23 +229,19 @@ class VllmProcess(RemoteEngine):
         return f"process exited with code {self.proc.returncode}"
 
     async def _kill(self) -> None:
+        """SIGTERM to the watchdog (it stops vLLM and then anything vLLM left); SIGKILL to the group past the grace."""
         proc = self.proc
         if proc is None:
             return
-        for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-                # The group may outlive its leader (engine-core workers): signal it again.
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            except TimeoutError:
-                continue
-            break
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), STOP_GRACE)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 5.0)
 
     def _log_tail(self, lines: int) -> str:
         try:

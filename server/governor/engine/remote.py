@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -55,10 +56,16 @@ class HttpUpstream:
 class RemoteEngine:
     """A vLLM server reached by URL; also the base of the local process supervisor."""
 
-    def __init__(self, name: str, base_url: str, served_model: str = "") -> None:
+    def __init__(
+        self, name: str, base_url: str, served_model: str = "", api_key: str = "", socket_path: Path | None = None
+    ) -> None:
+        """api_key: sent as a bearer token on every call; socket_path: reach the server over this Unix socket
+        (base_url then only names the host in the request line)."""
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.served_model = served_model
+        self.socket_path = socket_path
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.state = EngineState.STARTING
         self.outstanding = 0
         self.generation = 0
@@ -76,9 +83,16 @@ class RemoteEngine:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
+            connector: aiohttp.BaseConnector
+            if self.socket_path:
+                connector = aiohttp.UnixConnector(path=str(self.socket_path), limit=0, force_close=False)
+            else:
+                connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+            # The key goes on every call, /health and /metrics included (a remote engine may guard them).
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, headers=self._auth
+            )
         return self._session
 
     async def start(self) -> None:
