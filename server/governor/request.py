@@ -9,6 +9,7 @@ An operator may let more through with GOVERNOR_ALLOW_FIELDS (unchecked: their si
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
@@ -16,8 +17,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, V
 
 from governor.endpoint import CHAT, COMPLETIONS, Endpoint, Kind
 from governor.errors import InvalidRequest, from_pydantic
-from governor.policy.builder import ENGINE_FIELDS, GOVERNOR_FIELDS
+from governor.policy.builder import ENGINE_FIELDS, GOVERNOR_FIELDS, Policy
 from governor.settings import Settings
+from governor.stream.loop_detector import LoopConfig
+from governor.target import Target
 
 # Size limits of list and map fields (per request), defined once.
 MAX_LOGIT_BIAS = 1024
@@ -68,6 +71,15 @@ def _bounded_json(limit: int) -> AfterValidator:
 
 _Structured = Annotated[Any, _bounded_json(MAX_STRUCTURED_BYTES)]
 _Dropped = Annotated[Any, _bounded_json(MAX_DROPPED_BYTES)]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """What goes to the engine: the body, whether it is streamed upstream, and the loop detector (None = off)."""
+
+    body: dict[str, Any]
+    stream: bool
+    loop: LoopConfig | None
 
 
 class StreamOptions(BaseModel):
@@ -178,6 +190,24 @@ class GenerationRequest(BaseModel):
     def body(self) -> dict[str, Any]:
         """The client's fields for the policy (dropped ones left out; Governor's controls kept for it)."""
         return self.model_dump(exclude_unset=True, exclude=set(DROPPED))
+
+    def to_upstream(self, policy: Policy, target: Target, cache_salt: str | None = None) -> UpstreamCall:
+        """The engine's body: the policy's plan for this target (preset layers, stops, processor args)
+        applied to the client's fields, addressed to the target's upstream model."""
+        decision = policy.build(self.body(), kind=self.endpoint.kind, profile=target.profile)
+        body = decision.body
+        body["model"] = target.upstream_model
+        if cache_salt is not None:
+            body["cache_salt"] = cache_salt
+        # A loop can only be cut in a stream: a non-streaming answer is streamed upstream and assembled.
+        stream = self.stream or (decision.loop is not None and self.assemblable())
+        if stream:
+            opts: dict[str, Any] = dict(body.get("stream_options") or {})
+            opts["include_usage"] = True
+            if decision.loop is not None:
+                opts["continuous_usage_stats"] = True  # exact usage even when Governor cuts the stream
+            body["stream"], body["stream_options"] = True, opts
+        return UpstreamCall(body, stream, decision.loop)
 
 
 class ChatCompletionRequest(GenerationRequest):

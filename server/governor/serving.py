@@ -101,30 +101,21 @@ class GenerationService:
         target = await self.resolve(req.model)
         scope.hold(target)
         scope.label = self.metrics.model_label(target.public_name)
-        endpoint = req.endpoint
-        decision = self.policy().build(req.body(), kind=endpoint.kind, profile=target.profile)
-        body = decision.body
-        body["model"] = target.upstream_model
+        salt = None
         if self.settings.cache_salt_per_key and self.settings.api_keys and scope.client.key:
             # the engine's prefix cache is shared only between requests of one key
-            body["cache_salt"] = Quotas.client_id(scope.client.key, None)
-        stream_up = req.stream or (decision.loop is not None and req.assemblable())
-        if stream_up:
-            opts: dict[str, Any] = dict(body.get("stream_options") or {})
-            opts["include_usage"] = True
-            if decision.loop is not None:
-                opts["continuous_usage_stats"] = True  # exact usage even when Governor cuts the stream
-            body["stream"], body["stream_options"] = True, opts
+            salt = Quotas.client_id(scope.client.key, None)
+        call = req.to_upstream(self.policy(), target, salt)
         scope.admitted()
-        upstream = await self._open_any(scope, target, body, seqs)
-        relay = Relay(upstream, kind=endpoint.kind, n=req.prompt_count() * req.n, loop=decision.loop,
+        upstream = await self._open_any(scope, target, call.body, seqs)
+        relay = Relay(upstream, kind=req.endpoint.kind, n=req.prompt_count() * req.n, loop=call.loop,
                       client_usage=req.wants_usage, client_continuous=req.wants_continuous_usage,
                       request_id=scope.request_id, on_error=self.metrics.stream_error,
                       on_first_token=scope.first_token)  # fmt: skip
         headers = {"X-Request-Id": scope.request_id}
         if req.stream:
             return _stream_response(scope, relay, target)
-        if stream_up:
+        if call.stream:
             try:
                 data = await relay.collect()
             finally:
