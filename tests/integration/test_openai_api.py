@@ -140,7 +140,7 @@ def _running(live: Live) -> float:
     text = httpx.get(live.url + "/metrics", timeout=10).text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
+        if line.startswith("governor_engine_num_requests_running{"):  # vLLM's own count
             total += float(line.rsplit(" ", 1)[1])
     return total
 

@@ -149,6 +149,10 @@ async def test_vllm_engine_label_is_renamed(gateway: GatewayFactory) -> None:  #
     # Re-exported: all but the two `_created` series and the families Governor exports itself (model_server.py).
     reexported = [line for line in vllm_lines if re.split(r"[{ ]", line, maxsplit=1)[0] not in REPLACED]
     assert len(reexported) == 5, reexported
+    engine_view = found["governor_engine_num_requests_running"].samples  # vLLM's own count, renamed
+    assert [(s.labels, s.value) for s in engine_view] == [
+        ({"engine": "fake-0", "vllm_engine": "0", "model_name": "fake-model"}, 3.0)
+    ]
     assert all(len(re.findall(r'[{,]engine="', line)) == 1 for line in reexported), reexported
     running = found["vllm:num_requests_running"].samples
     assert [s.labels for s in running] == [{"engine": "fake-0", "model_name": "fake-model"}], running
@@ -202,7 +206,8 @@ async def test_metrics_answer_when_the_engine_is_down(gateway: GatewayFactory) -
     r = await gw.client.get("/metrics")
     assert r.status_code == 200
     assert not [name for name in families(r.text) if name.startswith("vllm:") and name not in REPLACED]
-    assert not {"vllm:kv_cache_usage_perc", "vllm:cache_config_info"} & set(families(r.text)), "read off the engine"
+    gone = {"vllm:kv_cache_usage_perc", "vllm:cache_config_info", "governor_engine_num_requests_running"}
+    assert not gone & set(families(r.text)), "read off the engine's copy, which is gone"
     # Nothing but exposition lines: no error text from the failed engine fetch slipped into the body.
     for line in r.text.rstrip("\n").split("\n"):
         assert EXPOSITION_LINE.fullmatch(line), line

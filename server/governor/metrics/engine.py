@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from governor.engine.base import EngineClient
 from governor.metrics.families import Families
-from governor.metrics.model_server import REPLACED, EngineCache, ModelServerSeries
+from governor.metrics.model_server import RENAMED, REPLACED, EngineCache, ModelServerSeries
 
 # How often each engine's /metrics is fetched while Governor is being scraped.
 ENGINE_REFRESH_SECONDS = 1.0
@@ -55,9 +55,13 @@ def _relabel(text: str, engine: str) -> str:
     return "\n".join(out)
 
 
-def merge(texts: Sequence[tuple[str, str | None]], drop: frozenset[str] = frozenset()) -> str:
+def merge(
+    texts: Sequence[tuple[str, str | None]], drop: frozenset[str] = frozenset(), rename: Mapping[str, str] | None = None
+) -> str:
     """Combine (engine name, metrics text) pairs into one exposition; samples of a family stay together.
-    Families named in `drop` are left out (Governor exports its own of those names)."""
+    Families named in `drop` are left out (Governor exports its own of those names), or renamed when
+    `rename` names them."""
+    rename = rename or {}
     merged: dict[str, list[str]] = {}
     for engine, text in texts:
         if not text:
@@ -65,8 +69,13 @@ def merge(texts: Sequence[tuple[str, str | None]], drop: frozenset[str] = frozen
         blocks = ("\n" + _relabel(text.rstrip("\n"), engine)).split(_FAMILY)
         for block in blocks[1:]:  # what precedes the first HELP belongs to no family
             name = block.split(" ", 1)[0]
-            if not name.startswith("vllm:") or name.endswith("_created") or name in drop:
+            if not name.startswith("vllm:") or name.endswith("_created"):
                 continue  # process/python metrics of the engine would collide with the gateway's own
+            if name in drop:
+                if name not in rename:
+                    continue
+                block = block.replace(name, rename[name])  # its HELP, TYPE and sample lines
+                name = rename[name]
             target = merged.get(name)
             if target is None:
                 merged[name] = [_FAMILY, block]
@@ -148,7 +157,9 @@ class EngineScraper:
         await self._fetched.wait()
         if self._merged is None:
             self._merged = merge(
-                [(e.name, self._copies[e.name][1] if e.name in self._copies else None) for e in engines], self._drop
+                [(e.name, self._copies[e.name][1] if e.name in self._copies else None) for e in engines],
+                self._drop,
+                RENAMED,
             )
         now = time.monotonic()
         for engine in engines:

@@ -8,7 +8,8 @@ labelled `engine="all"`. The queue and LoRA series come from Governor's own requ
 per scrape, no engine round trip); the KV-cache and cache-config series from the engines' recent /metrics
 copies (parsed once per refresh, not per scrape). The engine's own families of these names are not
 re-exported beside them (a family appears once in an exposition, and a second `lora_requests_info`
-would name `name@2` versions that clients cannot ask for).
+would name `name@2` versions that clients cannot ask for): its running, waiting and KV-cache series
+stay, per engine, as `governor_engine_*` (RENAMED); its cache_config_info and lora_requests_info go.
 
 vLLM fills `running_lora_adapters` and `waiting_lora_adapters` from the same scheduler dict; here
 waiting means admitted with no first token yet and running means generating, counted per public
@@ -32,6 +33,13 @@ LORA_INFO = "vllm:lora_requests_info"
 LOADED = "governor_adapter_loaded"
 # The engine families these replace in the re-export.
 REPLACED = frozenset({RUNNING, WAITING, KV_USAGE, CACHE_CONFIG, LORA_INFO})
+# The engine's own scheduler view stays visible per engine under Governor's names (what vLLM itself
+# is running: tests and operators read it to see aborts reach the engine); its lora_requests_info goes.
+RENAMED = {
+    RUNNING: "governor_engine_num_requests_running",
+    WAITING: "governor_engine_num_requests_waiting",
+    KV_USAGE: "governor_engine_kv_cache_usage_perc",
+}
 ALL_ENGINES = "all"
 
 _LABEL = re.compile(r'([A-Za-z_]\w*)="((?:[^"\\]|\\.)*)"')
