@@ -36,7 +36,10 @@ def request_id(raw: str | None) -> str:
         return raw
     fresh = uuid.uuid4().hex
     if raw is not None:
-        log.warning("X-Request-Id replaced", extra={"request_id": fresh, "original": repr(raw[:64])})
+        # The original as a Python literal (first 64 characters) with spaces and '=' escaped too, so that
+        # it cannot pass for more key=value fields in the log line.
+        original = ascii(raw[:64]).replace(" ", "\\x20").replace("=", "\\x3d")
+        log.warning("X-Request-Id replaced", extra={"request_id": fresh, "original": original})
     return fresh
 
 
