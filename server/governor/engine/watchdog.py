@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
     governor = int(argv[1])
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stop_at: list[float] = []
+    reaped: dict[int, int] = {}
 
     def wake(_sig: int, _frame: object) -> None:
         pass  # PR_SET_PDEATHSIG: the loop below checks getppid() at once
@@ -103,8 +104,9 @@ def main(argv: list[str]) -> int:
     def stop(_sig: int, _frame: object) -> None:
         if not stop_at:
             stop_at.append(time.monotonic() + GRACE)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(engine.pid, signal.SIGTERM)
+            if engine.pid not in reaped:  # once reaped, its pid may belong to someone else
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(engine.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGUSR1, wake)
     _prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
@@ -114,7 +116,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     while True:
-        status = _reap().get(engine.pid)
+        reaped.update(_reap())
+        status = reaped.get(engine.pid)
         if status is not None:
             kill_all()
             code = os.waitstatus_to_exitcode(status)
