@@ -46,7 +46,11 @@ class Settings(BaseSettings):
         "auto", description="Engine profile; auto = gpu if nvidia-smi finds one."
     )
     engine_args: str = Field("", description="Extra arguments for the vLLM server, as one shell-quoted string.")
-    engine_port: int = Field(0, ge=0, le=65535, description="Port of the first local engine; 0 = a free one.")
+    engine_port: int = Field(
+        0, ge=0, le=65535,
+        description="Local engines on loopback TCP ports from this one, reachable by any local user (debugging); "
+        "0 = each on a Unix socket only Governor can reach.",
+    )  # fmt: skip
     enforce_eager: bool = Field(
         False, description="Skip vLLM graph compilation: faster start, ~17% less throughput on CPU."
     )
