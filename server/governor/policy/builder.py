@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
+from governor.endpoint import Kind
 from governor.errors import InvalidRequest
 from governor.policy.presets import CONTROL_FIELDS, LOOP_FIELDS, PASSTHROUGH_FIELDS, Preset, PresetError, describe_error
 from governor.policy.templates import FAMILIES, TemplateFamily, get_family
@@ -52,7 +53,6 @@ _MAX_PROFILE_STOPS = 32
 _MAX_STOP_CHARS = 256
 _CACHE_LIMIT = 4096
 _WINDOWS = ("dry_range", "ngram_window", "rep_window")
-Kind = Literal["chat", "completions"]
 
 
 @dataclass(frozen=True, slots=True)
