@@ -22,8 +22,8 @@ SAMPLES: dict[str, Any] = {
     "n": 2, "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.2,
     "prompt_cache_key": "p", "prompt_cache_retention": "24h", "prompt_cache_options": {"a": 1},
     "reasoning_effort": "low", "response_format": {"type": "json_object"}, "safety_identifier": "s", "seed": 7,
-    "service_tier": "auto", "stop": ["\n"], "store": False, "stream": True, "stream_options": {"include_usage": True},
-    "temperature": 0.5, "tool_choice": "auto", "verbosity": "low", "moderation": {"a": 1},
+    "service_tier": "auto", "stop": ["\n"], "store": False, "stream": True,
+    "stream_options": {"include_usage": True, "include_obfuscation": False}, "temperature": 0.5, "tool_choice": "auto", "verbosity": "low", "moderation": {"a": 1},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "top_logprobs": 2,
     "top_p": 0.9, "user": "u", "web_search_options": {}, "prompt": "hello", "best_of": 2, "echo": False,
     "suffix": "end",
@@ -52,6 +52,7 @@ def test_every_openai_client_parameter_is_accepted(kind: str, resource: Any) -> 
     sent = req.body()
     assert not DROPPED & set(sent)  # accepted, documented as dropped, never forwarded
     assert {"user", "seed", "logit_bias", "stream_options"} <= set(sent)
+    assert sent["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize(

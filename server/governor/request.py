@@ -56,6 +56,7 @@ REFUSED = {
     "bounds",
 }
 
+_NOT_FORWARDED: dict[str, Any] = {**dict.fromkeys(DROPPED, True), "stream_options": {"include_obfuscation": True}}
 _Text = Annotated[str, Field(max_length=MAX_WORD_CHARS)]
 _TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
@@ -86,6 +87,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool | None = None
     continuous_usage_stats: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None  # OpenAI's; accepted and dropped (vLLM adds no padding)
 
 
 class ChatMessage(BaseModel):
@@ -189,7 +191,7 @@ class GenerationRequest(BaseModel):
 
     def body(self) -> dict[str, Any]:
         """The client's fields for the policy (dropped ones left out; Governor's controls kept for it)."""
-        return self.model_dump(exclude_unset=True, exclude=set(DROPPED))
+        return self.model_dump(exclude_unset=True, exclude=_NOT_FORWARDED)
 
     def to_upstream(self, policy: Policy, target: Target, cache_salt: str | None = None) -> UpstreamCall:
         """The engine's body: the policy's plan for this target (preset layers, stops, processor args)
