@@ -38,7 +38,12 @@ def register(eval_app: typer.Typer) -> None:
         prompts = ev.load_prompts(split, category, limit)
         runs = ev.plan(config or ev.DEFAULT_CONFIGS, temperature, seeds, seeded)
 
+        if answers is not None:
+            answers.write_text("")
+
         def progress(run: ev.Run) -> None:
+            if answers is not None:  # as each run ends, so a long eval cut short keeps what it measured
+                report.write_answers(answers, [run], append=True)
             m = ev.metrics(run)
             typer.echo(f"# {run.config} t={run.temperature:g} seed={run.seed}: loops {m.loop_rate:.1%}, "
                        f"{m.tokens} tokens, {run.seconds:.0f} s", err=True)  # fmt: skip
@@ -46,8 +51,6 @@ def register(eval_app: typer.Typer) -> None:
         done = asyncio.run(ev.run_eval(url, model, runs, prompts, max_tokens, concurrency, api_key, progress))
         typer.echo(f"{len(prompts)} prompts ({split}), max_tokens {max_tokens} (long: 1024), {url}")
         typer.echo(report.full_report(done, split))
-        if answers is not None:
-            report.write_answers(answers, done)
         if details:
             for run in done:
                 typer.echo(f"{run.config} t={run.temperature:g} seed={run.seed}: looping {report.looping(run)}")

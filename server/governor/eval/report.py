@@ -89,9 +89,9 @@ def looping(run: Run) -> list[str]:
     return [a.prompt["id"] for a in run.answers if a.prompt["category"] != "repeat" and a.loops]
 
 
-def write_answers(path: Path, runs: list[Run]) -> None:
+def write_answers(path: Path, runs: list[Run], *, append: bool = False) -> None:
     """Every answer as a JSON line, to read while tuning."""
-    with path.open("w", encoding="utf-8") as out:
+    with path.open("a" if append else "w", encoding="utf-8") as out:
         for run in runs:
             for a in run.answers:
                 verdict = None if a.prompt["category"] == "repeat" else _verdict(a.text)
