@@ -52,6 +52,7 @@ _USAGE_FIELD = b',"usage":{'
 _FINISH_NULL = b'"finish_reason":null'
 _FINISH_SET = b'"finish_reason":"'
 _NO_CHOICES = b'"choices":[]'
+_OBJECT_END = b"}}" + SEP
 # Why a stream failed, the `reason` label of governor_stream_errors_total (a fixed set: bounded).
 REASONS = ("upstream_error", "engine_unavailable", "deadline", "bad_event", "internal")
 # Patterns over whole blocks of events. A key pattern cannot match inside a JSON string (its quotes
@@ -128,8 +129,9 @@ class Relay:
                     continue
                 end = done_at(block)
                 events = block if end < 0 else block[:end]
-                # vLLM's error event comes last: one look at the last event (~0.3 us), not a scan of the block
-                if events.find(ERROR_KEY, events.rfind(SEP, 0, -2) + 1) >= 0:
+                # vLLM's error event `{"error": {...}}` comes last: a block that ends like it gets one look at its
+                # last event, never a scan of the whole block (chunks without usage end in `]}`: no look at all)
+                if events.endswith(_OBJECT_END) and events.find(ERROR_KEY, events.rfind(SEP, 0, -2) + 1) >= 0:
                     events, error = tail_error(events)
                     if error is not None:
                         if events:
