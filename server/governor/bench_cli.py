@@ -74,8 +74,10 @@ def register(bench_app: typer.Typer) -> None:
 def register_processors(bench_app: typer.Typer) -> None:
     @bench_app.command("processors")
     def processors(
-        concurrency: list[int] = typer.Option([8, 32], help="Concurrent streams (repeatable)."),
-        reps: int = typer.Option(3, min=1, help="Repetitions per side (interleaved)."),
+        concurrency: list[int] = typer.Option([32, 128], help="Concurrent streams (repeatable)."),
+        reps: int = typer.Option(3, min=1, help="Repetitions per side, active vs plain (interleaved)."),
+        unused_reps: int = typer.Option(5, min=1, help="Repetitions per side, loaded-unused vs absent."),
+        preset: list[str] = typer.Option(["balanced"], help="Presets whose processor args are measured."),
         waves: int = typer.Option(1, min=1, help="Requests per run = waves x concurrency."),
         lora: bool = typer.Option(False, help="Start the engines with LoRA enabled."),
         eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),
@@ -105,7 +107,7 @@ def register_processors(bench_app: typer.Typer) -> None:
             return
         from governor.bench import processors as bench
 
-        for line in bench.run(settings, concurrency, reps, waves):
+        for line in bench.run(settings, concurrency, reps, waves, preset, unused_reps):
             typer.echo(line)
 
 

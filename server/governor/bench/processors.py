@@ -1,10 +1,12 @@
 """`governor bench processors`: what the anti-loop logits processors cost the engine.
 
-Two engines on the embedded model, one started with Governor's processors, one without, taking
-turns (interleaved, same prompts, 128 in / 128 out):
-  - all processors active on every request (the `strict` preset's engine args) vs plain requests,
-    both on the engine with processors;
+Two engines on the embedded model, one started with Governor's processors, one without, on the
+device Governor would pick (a GPU gets each engine half the memory share, and they start one after
+the other: vLLM checks free memory against its share at start). Same prompt, 128 tokens out,
+ignore_eos, greedy; each comparison interleaved in alternating order (ABBA), medians with spreads:
+  - a preset's processor arguments on every request vs plain requests, on the engine with them;
   - processors loaded but unused vs an engine without them.
+`--synthetic` times the processors directly instead (bench/processors_synthetic.py).
 """
 
 from __future__ import annotations
@@ -12,63 +14,78 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from governor.bench.gateway import PROMPT, Pair, _wait_ready
+from governor.bench.gateway import PROMPT, _wait_ready, interleaved
 from governor.bench.load import run_load
 from governor.bench.processes import spawned
 from governor.bootstrap import build_policy, resolve_model
-from governor.engine.flags import PROCESSORS, engine_command, engine_env
+from governor.engine.flags import PROCESSORS, detect_device, engine_command, engine_env
 from governor.engine.process import free_port
 from governor.settings import Settings
 
+MEMORY_FLAG = "--gpu-memory-utilization"
 
-def active_xargs(settings: Settings, model_dir: Path | None) -> dict[str, object]:
-    """The engine arguments the `strict` preset sends: DRY + no-repeat n-gram + windowed penalty."""
+
+def active_xargs(settings: Settings, model_dir: Path | None, preset: str = "strict") -> dict[str, object]:
+    """The engine arguments a preset sends (`strict`: DRY + no-repeat n-gram + windowed penalty)."""
     policy = build_policy(settings, model_dir)
-    body = policy.build({"model": "m", "prompt": "x", "decoding_preset": "strict"}, kind="completions").body
+    body = policy.build({"model": "m", "prompt": "x", "decoding_preset": preset}, kind="completions").body
     return dict(body["vllm_xargs"])
 
 
-@contextlib.contextmanager
-def _engine(settings: Settings, model: str, name: str, port: int, processors: bool, log: Path) -> Iterator[str]:
-    cmd = engine_command(settings, model, name, port, "cpu")
+def bench_command(settings: Settings, model: str, name: str, port: int, device: str, processors: bool,
+                  engines: int) -> list[str]:  # fmt: skip
+    """The engine command: without Governor's processors when asked; on a GPU shared by `engines`
+    engines, each with 1/engines of the memory share."""
+    cmd = engine_command(settings, model, name, port, device)
     if not processors:
         start = cmd.index("--logits-processors")
         del cmd[start : start + 1 + len(PROCESSORS)]
-    with spawned(cmd, env=engine_env(settings, "cpu"), log=log):
-        yield f"http://127.0.0.1:{port}"
+    if device != "cpu" and MEMORY_FLAG in cmd:
+        at = cmd.index(MEMORY_FLAG) + 1
+        cmd[at] = f"{settings.gpu_memory_utilization / engines:.3f}"
+    return cmd
 
 
-async def _pairs(with_url: str, plain_url: str, name: str, xargs: dict[str, object], concurrency: int, reps: int,
-                 waves: int) -> list[str]:  # fmt: skip
+async def _compare(with_url: str, plain_url: str, name: str, presets: dict[str, dict[str, object]],
+                   concurrency: int, reps: int, unused_reps: int, waves: int) -> list[str]:  # fmt: skip
     body = {"model": name, "prompt": PROMPT, "max_tokens": 128, "ignore_eos": True, "temperature": 0}
     total = waves * concurrency
-    await run_load(with_url, body, concurrency, concurrency)
-    await run_load(plain_url, body, concurrency, concurrency)
-    active = Pair(f"all processors active vs plain request (same engine), concurrency {concurrency}", [], [])
-    loaded = Pair(f"processors loaded, unused vs engine without them, concurrency {concurrency}", [], [])
-    for _ in range(reps):
+    lines = []
+    for preset, xargs in presets.items():
         # direct = the baseline, gateway = the measured side (Pair's naming)
-        active.direct.append(await run_load(with_url, body, concurrency, total))
-        active.gateway.append(await run_load(with_url, {**body, "vllm_xargs": xargs}, concurrency, total))
-        loaded.direct.append(await run_load(plain_url, body, concurrency, total))
-        loaded.gateway.append(await run_load(with_url, body, concurrency, total))
-    return [active.report("tokens_per_second", "tok/s"), loaded.report("tokens_per_second", "tok/s")]
+        label = f"{preset} processors active / plain requests (same engine), concurrency {concurrency}"
+        pair = await interleaved(with_url, with_url, body, concurrency, total, reps, label, {"vllm_xargs": xargs})
+        lines.append(pair.report("tokens_per_second", "tok/s"))
+    label = f"processors loaded, unused / engine without them, concurrency {concurrency}"
+    pair = await interleaved(plain_url, with_url, body, concurrency, total, unused_reps, label, {})
+    lines.append(pair.report("tokens_per_second", "tok/s"))
+    await run_load(with_url, body, 1, 1)  # both engines still answer after the runs
+    return lines
 
 
-def run(settings: Settings, concurrencies: list[int], reps: int, waves: int) -> Iterator[str]:
+def run(settings: Settings, concurrencies: Sequence[int], reps: int, waves: int, presets: Sequence[str] = ("balanced",),
+        unused_reps: int = 5) -> Iterator[str]:  # fmt: skip
     model, name, model_dir = resolve_model(settings)
-    xargs = active_xargs(settings, model_dir)
-    shown = {k: (f"[{len(v)} ids]" if isinstance(v, list) else v) for k, v in xargs.items()}
-    yield f"active engine args: {shown}"
+    device = detect_device(settings.device)
+    xargs = {preset: active_xargs(settings, model_dir, preset) for preset in presets}
+    for preset, args in xargs.items():
+        yield f"{preset} engine args: {args}"
     logs = Path(tempfile.mkdtemp(prefix="governor-bench-"))
-    with (
-        _engine(settings, model, name, free_port(), True, logs / "with.log") as with_url,
-        _engine(settings, model, name, free_port(), False, logs / "plain.log") as plain_url,
-    ):
-        asyncio.run(_wait_ready(with_url + "/health", settings.engine_start_timeout))
-        asyncio.run(_wait_ready(plain_url + "/health", settings.engine_start_timeout))
+    yield f"device {device}; engine logs in {logs}"
+    env = engine_env(settings, device)
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for processors, log in ((True, "with.log"), (False, "plain.log")):
+            port = free_port()
+            cmd = bench_command(settings, model, name, port, device, processors, engines=2)
+            stack.enter_context(spawned(cmd, env=env, log=logs / log))
+            urls.append(f"http://127.0.0.1:{port}")
+            if device != "cpu":  # one at a time on a shared GPU
+                asyncio.run(_wait_ready(urls[-1] + "/health", settings.engine_start_timeout))
+        for url in urls:
+            asyncio.run(_wait_ready(url + "/health", settings.engine_start_timeout))
         for c in concurrencies:
-            yield from asyncio.run(_pairs(with_url, plain_url, name, xargs, c, reps, waves))
+            yield from asyncio.run(_compare(urls[0], urls[1], name, xargs, c, reps, unused_reps, waves))
