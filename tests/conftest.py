@@ -114,5 +114,7 @@ def start_governor(root: Path, **env: str) -> Iterator[Live]:
 
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    with start_governor(tmp_path_factory.mktemp("live"), GOVERNOR_MAX_LORA_RANK="16") as server:
+    # Every test client is one address: the soak sample runs 200 streams from it (default limit 64).
+    with start_governor(tmp_path_factory.mktemp("live"), GOVERNOR_MAX_LORA_RANK="16",
+                        GOVERNOR_ADDRESS_CONCURRENCY="256") as server:  # fmt: skip
         yield server
