@@ -22,7 +22,7 @@ from governor.processors.reference.ngram import NoRepeatNGramLogitsProcessor as 
 from governor.processors.reference.window_penalty import WindowedRepetitionPenaltyLogitsProcessor as ReferencePenalty
 from governor.processors.window_penalty import WindowedRepetitionPenaltyLogitsProcessor
 
-from .harness import make_processor, random_session
+from .harness import BatchSim, make_processor, next_token, random_session
 from .test_dry import dry_reference
 from .test_ngram import ngram_reference
 from .test_window_penalty import penalty_reference
@@ -106,3 +106,21 @@ def test_batched_equals_reference_under_random_batches(name: str, seed: int, voc
     pair = Lockstep(make_processor(batched_cls, vocab), make_processor(reference_cls, vocab))
     random_session(pair, rule, make_args(vocab), seed, vocab=vocab, batch_size=batch_size, steps=50)
     assert pair.steps == 50
+
+
+@given(name=st.sampled_from(sorted(CASES)), seed=st.integers(0, 2**31))
+@settings(max_examples=9, deadline=None, derandomize=True)
+def test_batched_equals_reference_in_a_steady_batch(name: str, seed: int) -> None:
+    # No churn: rows 0..n-1 hold slots 0..n-1, the layout where the batched path uses slices.
+    batched_cls, reference_cls, rule, make_args = CASES[name]
+    rng, vocab = random.Random(seed), 12
+    pair = Lockstep(make_processor(batched_cls, vocab), make_processor(reference_cls, vocab))
+    sim = BatchSim(pair, batch_size=5)
+    requests = [sim.add(i, make_args(vocab)(rng), [next_token(rng, [], vocab) for _ in range(6)]) for i in range(5)]
+    sim.flush()
+    for _ in range(90):
+        for request in requests:
+            request.output.append(next_token(rng, request.prompt + request.output, vocab))
+        sim.flush()
+        sim.check(rule, rng, vocab)
+    assert pair.steps == 90

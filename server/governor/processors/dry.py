@@ -26,9 +26,7 @@ from governor.processors.slots import (
     SlotRow,
     Step,
     TokenSets,
-    gather_logits,
     grown,
-    scatter_min,
 )
 from governor.processors.suffix_match import SuffixMatch
 
@@ -98,8 +96,12 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         self.sets.release(row.token_set)
 
     def encode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Breakers become -(position + 2): unique, so they match nothing and are never penalised."""
-        return torch.where(self.sets.contains(self.breakers[slots], tokens), -(positions + 2), tokens)
+        """Breakers become -(position + 2): unique, so they match nothing and are never penalised.
+        Ids past the vocabulary (a client's tokenizer) become -(id + 2**40): they still match each
+        other, but have no logit to lower."""
+        breaker = self.sets.contains(self.breakers[slots], tokens)
+        keys = torch.where(tokens >= self.vocab_size, -(tokens + _UNBOUNDED), tokens)
+        return torch.where(breaker, -(positions + 2), keys)
 
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
@@ -110,28 +112,31 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         width = step.longest - 1
         if self._widest:
             width = min(width, self._widest - 1)
-        distances = self.distances
-        if step.appended is not None and width > 0:
-            slots, keys, positions = step.appended
-            match = self.matches.advance(self.history, slots, keys, positions, distances, width)
-        if step.rewritten is not None:
-            self.matches.rebuild(self.history, self.length, step.rewritten, distances, width, MAX_MATCH_LENGTH)
+        matches, distances = self.matches, self.distances
+        if not step.fast:
+            if step.appended is not None and width > 0:
+                matches.advance(self.history, *step.appended, distances, width)
+            if step.rewritten is not None:
+                matches.rebuild(self.history, self.length, step.rewritten, distances, width, MAX_MATCH_LENGTH)
         if width <= 0:
             return
-        rows, slots = step.rows, step.slots
-        if step.fast:
-            newest = positions
-        else:
-            newest = self.length[slots] - 1
-            match = self.matches.match[slots, :width]
-        earlier = newest.unsqueeze(1) - distances[:width]  # where the earlier occurrence ends
-        start = (newest + 1 - self.range[slots]).clamp(min=0).unsqueeze(1)
+        newest = step.appended[2] if step.fast and step.appended else self.per_slot(self.length) - 1
+        back = newest.unsqueeze(1) - distances[:width]  # where each earlier occurrence ends
+        at = back.clamp(min=0)
+        match = self.slot_block(matches.match, width)
+        if step.fast and step.appended:
+            same = (self.read_history(at) == step.appended[1].unsqueeze(1)) & (back >= 0)
+            match = matches.extend(match, same, self.per_slot(matches.cap))
+            self.write_per_slot(matches.match, width, match)
+        start = (newest + 1 - self.per_slot(self.range)).clamp(min=0).unsqueeze(1)
         # The match may not reach back before the range's start (reference: the context is cut there).
-        length = torch.minimum(match.long(), earlier - start + 1).clamp_(0, MAX_MATCH_LENGTH)
-        penalty = self.scale[slots].gather(1, length)
-        following = self.history[slots.unsqueeze(1), (earlier + 1).clamp(min=0)].long()
-        width_logits = logits.shape[-1]
-        valid = (penalty > 0) & (following >= 0) & (following < width_logits)
-        tokens = following.clamp(0, width_logits - 1)
-        lowered = gather_logits(logits, rows, tokens) - penalty.to(logits.dtype)
-        scatter_min(logits, rows, tokens, torch.where(valid, lowered, math.inf))
+        length = torch.minimum(match, back - start + 1).clamp_(0, MAX_MATCH_LENGTH)
+        penalty = self.per_slot(self.scale).gather(1, length)
+        following = self.read_history(at + 1)  # the token that followed each occurrence
+        valid = (penalty > 0) & (following >= 0)
+        tokens = following.clamp(min=0)
+        if logits.shape[-1] < self.vocab_size:
+            valid &= tokens < logits.shape[-1]
+            tokens.clamp_(max=logits.shape[-1] - 1)
+        lowered = self.read_logits(logits, tokens) - penalty.to(logits.dtype)
+        self.lower_logits(logits, tokens, torch.where(valid, lowered, math.inf))

@@ -19,7 +19,7 @@ import torch
 from vllm import SamplingParams
 
 from governor.processors.extra_args import NGramConfig, parse_ngram
-from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step, grown, scatter_min
+from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step, grown
 from governor.processors.suffix_match import SuffixMatch
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
         self.window[slots] = window
         self.matches.cap[slots] = need.to(torch.int16)
 
+    def encode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Ids past the vocabulary become -(id + 2**40): they still match each other, but have no logit."""
+        return torch.where(tokens >= self.vocab_size, -(tokens + _UNBOUNDED), tokens)
+
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
             windows = [row.config.window for row in self.active]
@@ -75,28 +79,29 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
             self._lookback = min(_MAX_CAP, max(row.config.size for row in self.active) - 1)
             self._seen_layout = self.layout_version
         # Distances 1..t+1 matter (for n = 1 even the first token), and only within the window.
-        width = step.longest
-        if self._widest:
-            width = min(width, self._widest)
-        distances = self.distances
-        match = None
-        if step.appended is not None:
-            slots, keys, positions = step.appended
-            match = self.matches.advance(self.history, slots, keys, positions, distances, width)
-        if step.rewritten is not None:
-            self.matches.rebuild(self.history, self.length, step.rewritten, distances, width, self._lookback)
-        rows, slots = step.rows, step.slots
-        newest = self.length[slots] - 1
-        if not step.fast or match is None:
-            match = self.matches.match[slots, :width]
-        earlier = newest.unsqueeze(1) - distances[:width]
-        low = (newest + 1 - self.window[slots]).clamp(min=0).unsqueeze(1)
-        need = self.need[slots].unsqueeze(1)
-        # The n-gram that ends after `earlier` starts at earlier - need + 1: it must lie in the window.
-        valid = (match >= need) & (earlier >= low + need - 1) & (earlier >= -1)
-        following = self.history[slots.unsqueeze(1), (earlier + 1).clamp(min=0)].long()
-        width_logits = logits.shape[-1]
-        valid &= following < width_logits
-        tokens = following.clamp(0, width_logits - 1)
+        width = min(step.longest, self._widest) if self._widest else step.longest
+        matches, distances = self.matches, self.distances
+        if not step.fast:
+            if step.appended is not None:
+                matches.advance(self.history, *step.appended, distances, width)
+            if step.rewritten is not None:
+                matches.rebuild(self.history, self.length, step.rewritten, distances, width, self._lookback)
+        newest = step.appended[2] if step.fast and step.appended else self.per_slot(self.length) - 1
+        back = newest.unsqueeze(1) - distances[:width]  # where each earlier n-gram prefix ends
+        match = self.slot_block(matches.match, width)
+        if step.fast and step.appended:
+            same = (self.read_history(back.clamp(min=0)) == step.appended[1].unsqueeze(1)) & (back >= 0)
+            match = matches.extend(match, same, self.per_slot(matches.cap))
+            self.write_per_slot(matches.match, width, match)
+        low = (newest + 1 - self.per_slot(self.window)).clamp(min=0).unsqueeze(1)
+        need = self.per_slot(self.need).unsqueeze(1)
+        # The n-gram that ends after `back` starts at back - need + 1: it must lie in the window.
+        valid = (match >= need) & (back >= low + need - 1) & (back >= -1)
+        following = self.read_history((back + 1).clamp(min=0))
+        valid &= following >= 0
+        tokens = following.clamp(min=0)
+        if logits.shape[-1] < self.vocab_size:
+            valid &= tokens < logits.shape[-1]
+            tokens.clamp_(max=logits.shape[-1] - 1)
         banned = torch.full((), -math.inf, dtype=logits.dtype, device=logits.device)
-        scatter_min(logits, rows, tokens, torch.where(valid, banned, math.inf))
+        self.lower_logits(logits, tokens, torch.where(valid, banned, math.inf))

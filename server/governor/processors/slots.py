@@ -148,7 +148,7 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self.max_rows, self.max_len = limits_of(vllm_config)
         # Allocated on first use and grown by doubling up to the limits, so an engine where nobody
         # uses the processor holds no memory and one that does holds what its batch needs.
-        self.history = torch.zeros((0, 0), dtype=torch.int32, device=self.device)
+        self.history = torch.zeros((0, 0), dtype=torch.int64, device=self.device)
         self.length = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.distances = torch.zeros(0, dtype=torch.int64, device=self.device)  # 1, 2, … up to the length cap
         self._free_slots: list[int] = []
@@ -160,6 +160,10 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self._last: list[int] = []
         self._expect: list[int] = []
         self._rows_t = self._slots_t = self.length
+        self._slot_base: torch.Tensor | None = None
+        self._slot_base_width = 0
+        self.count = 0
+        self.slots_contiguous = self.rows_contiguous = False
         self._longest = 0
         self.layout_version = 0
 
@@ -244,9 +248,9 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self._ensure(self._next_slot, self._longest + 1)
         tokens = self.host_to_device(newest, torch.int64)
         slots = self._slots_t
-        positions = self.length[slots]
+        positions = self.length.index_select(0, slots)
         keys = self.encode(tokens, slots, positions)
-        self.history[slots, positions] = keys.to(torch.int32)
+        self.history[slots, positions] = keys
         self.length[slots] = positions + 1
         self._consumed = lengths
         self._last = newest
@@ -255,14 +259,67 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         return Step(self._rows_t, slots, self._longest, (slots, keys, positions), None, fast=True)
 
     def _relayout(self) -> None:
-        self.active = list(self.rows.values())
+        # Slot order; when the slots (and rows) are exactly 0..n-1, as in a batch without churn,
+        # per-slot reads are slices and the logits are updated along their rows, without index copies.
+        pairs = sorted(self.rows.items(), key=lambda item: item[1].slot)
+        self.active = [row for _, row in pairs]
+        rows = [index for index, _ in pairs]
+        slots = [row.slot for row in self.active]
+        self.count = len(slots)
+        self.slots_contiguous = slots == list(range(self.count))
+        self.rows_contiguous = rows == list(range(self.count))
         self._outputs = [row.output for row in self.active]
         self._consumed = [row.consumed for row in self.active]
         self._last = [row.last for row in self.active]
-        both = self.host_to_device(list(self.rows) + [row.slot for row in self.active], torch.int64)
-        self._rows_t, self._slots_t = both[: len(self.active)], both[len(self.active) :]
+        both = self.host_to_device(rows + slots, torch.int64)
+        self._rows_t, self._slots_t = both[: self.count], both[self.count :]
+        self._slot_base = None
         self.layout_changed = False
         self.layout_version += 1
+
+    def per_slot(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The participating slots' rows of a per-slot tensor, in layout order (a view when contiguous)."""
+        return tensor[: self.count] if self.slots_contiguous else tensor.index_select(0, self._slots_t)
+
+    def slot_block(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
+        """``tensor[slot_i, :width]`` for the participating slots (a view when contiguous)."""
+        if self.slots_contiguous:
+            return tensor[: self.count, :width]
+        return tensor[self._slots_t, :width]
+
+    def write_per_slot(self, tensor: torch.Tensor, width: int, values: torch.Tensor) -> None:
+        """``tensor[slot_i, :width] = values[i]`` for the participating slots."""
+        if self.slots_contiguous:
+            tensor[: self.count, :width] = values
+        else:
+            tensor[self._slots_t, :width] = values
+
+    def read_history(self, positions: torch.Tensor) -> torch.Tensor:
+        """``history[slot_i, positions[i, j]]`` for the participating slots; positions must be >= 0."""
+        if self.slots_contiguous:
+            return self.history[: self.count].gather(1, positions)
+        if self._slot_base is None or self._slot_base_width != self.history.shape[1]:
+            self._slot_base_width = self.history.shape[1]
+            self._slot_base = (self._slots_t * self._slot_base_width).unsqueeze(1)
+        return self.history.view(-1).take(positions + self._slot_base)
+
+    def read_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``logits[row_i, tokens[i, j]]`` for the participating rows."""
+        if self.rows_contiguous:
+            return logits[: self.count].gather(1, tokens)
+        return logits[self._rows_t.unsqueeze(1), tokens]
+
+    def lower_logits(self, logits: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> None:
+        """``logits[row_i, tokens[i, j]] = min(itself, values[i, j])`` in one op.
+
+        Every Governor processor only ever lowers a logit, and a token listed twice in a row gets the
+        same value each time (or +inf where the cell is not meant to change), so min is exact and
+        independent of order, on every device.
+        """
+        if self.rows_contiguous:
+            logits[: self.count].scatter_reduce_(1, tokens, values, "amin")
+        else:
+            scatter_min(logits, self._rows_t, tokens, values)
 
     def _general_step(self) -> Step:
         """Any mix of new rows, appends, drops and placeholders: rewrite what changed, per row on the host."""
@@ -330,7 +387,7 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
             token_slot = slots[segment]
             positions = starts[segment] + index - (ends - counts)[segment]
             keys = self.encode(tokens, token_slot, positions)
-            self.history[token_slot, positions] = keys.to(torch.int32)
+            self.history[token_slot, positions] = keys
         self.length[slots] = starts + counts
 
     def _ensure(self, slots: int, length: int) -> None:

@@ -36,8 +36,8 @@ class SuffixMatch:
         self.cap = grown(self.cap, (slots,))
 
     def advance(self, history: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                distances: torch.Tensor, width: int) -> torch.Tensor:  # fmt: skip
-        """Fold in one new token per slot (``keys`` at ``positions``); returns the slots' [n, width] matches.
+                distances: torch.Tensor, width: int) -> None:  # fmt: skip
+        """Fold in one new token per slot (``keys`` at ``positions``), for any set of slots.
 
         ``width`` must cover every distance a slot still needs; farther entries keep stale values
         that no reader looks at (entries beyond a slot's own length stay 0, which ``rebuild`` sets).
@@ -45,10 +45,12 @@ class SuffixMatch:
         back = positions.unsqueeze(1) - distances[:width]
         earlier = history[slots.unsqueeze(1), back.clamp(min=0)]
         same = (earlier == keys.unsqueeze(1)) & (back >= 0)
-        old = self.match[slots, :width]
-        new = torch.where(same, torch.minimum(old + 1, self.cap[slots].unsqueeze(1)), 0).to(torch.int16)
-        self.match[slots, :width] = new
-        return new
+        self.match[slots, :width] = self.extend(self.match[slots, :width], same, self.cap[slots])
+
+    @staticmethod
+    def extend(old: torch.Tensor, same: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+        """The matches after one token: ``old + 1`` (at most ``cap``) where the token recurs, else 0."""
+        return torch.minimum(old + 1, cap.unsqueeze(1)).mul_(same)
 
     def rebuild(self, history: torch.Tensor, length: torch.Tensor, slots: torch.Tensor, distances: torch.Tensor,
                 width: int, lookback: int) -> None:  # fmt: skip

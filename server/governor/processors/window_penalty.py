@@ -24,9 +24,7 @@ from governor.processors.slots import (
     SlotRow,
     Step,
     TokenSets,
-    gather_logits,
     grown,
-    scatter_min,
 )
 
 if TYPE_CHECKING:
@@ -80,8 +78,9 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
         self.sets.release(row.token_set)
 
     def encode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Exempt tokens are stored as -1: the window pass skips them."""
-        return torch.where(self.sets.contains(self.exempt[slots], tokens), -1, tokens)
+        """Exempt tokens, and ids past the vocabulary, are stored as -1: the window pass skips them."""
+        skipped = self.sets.contains(self.exempt[slots], tokens) | (tokens >= self.vocab_size)
+        return torch.where(skipped, -1, tokens)
 
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
@@ -89,15 +88,16 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
             self._widest = 0 if 0 in windows else max(windows)
             self._seen_layout = self.layout_version
         width = min(step.longest, self._widest) if self._widest else step.longest
-        rows, slots = step.rows, step.slots
-        total = self.length[slots]
+        total = self.per_slot(self.length)
         positions = total.unsqueeze(1) - self.distances[:width]  # newest first
-        low = (total - self.window[slots]).clamp(min=0).unsqueeze(1)
-        tokens = self.history[slots.unsqueeze(1), positions.clamp(min=0)].long()
-        width_logits = logits.shape[-1]
-        valid = (positions >= low) & (tokens >= 0) & (tokens < width_logits)
-        tokens.clamp_(0, width_logits - 1)
-        values = gather_logits(logits, rows, tokens)
-        penalty = self.penalty[slots].unsqueeze(1).to(logits.dtype)
+        low = (total - self.per_slot(self.window)).clamp(min=0).unsqueeze(1)
+        tokens = self.read_history(positions.clamp(min=0))
+        valid = (positions >= low) & (tokens >= 0)
+        tokens.clamp_(min=0)
+        if logits.shape[-1] < self.vocab_size:
+            valid &= tokens < logits.shape[-1]
+            tokens.clamp_(max=logits.shape[-1] - 1)
+        values = self.read_logits(logits, tokens)
+        penalty = self.per_slot(self.penalty).unsqueeze(1).to(logits.dtype)
         lowered = torch.where(values > 0, values / penalty, values * penalty)
-        scatter_min(logits, rows, tokens, torch.where(valid, lowered, math.inf))
+        self.lower_logits(logits, tokens, torch.where(valid, lowered, math.inf))
