@@ -1,5 +1,7 @@
 """Scrape cost of Governor's GET /metrics: p50/p95/max over K scrapes, first idle, then with N streaming
-requests in flight (goal: p95 < 20 ms with 8 adapters and the engine busy).
+requests in flight (goal: p95 < 20 ms with 8 adapters and the engine busy); and the gateway CPU each scrape
+costs at an endpoint picker's rate (20 scrapes/s): windows with scrapes alternate with windows without,
+under the same streams, and the CPU difference per scrape is reported per pair (median, spread).
 
     python loadtests/metrics_scrape.py --url http://127.0.0.1:8000 --streams 32 --scrapes 200
     python loadtests/metrics_scrape.py --fake --adapters 8 --streams 32 --scrapes 200
@@ -224,10 +226,48 @@ def scrape(client: httpx.Client, count: int, interval: float) -> dict[str, list[
         out["ms"].append(elapsed)
         out["bytes"].append(len(body))
         out["in_flight"].append(gauge_sum(body, b"governor_requests_in_flight"))
-        out["running"].append(gauge_sum(body, b"vllm:num_requests_running"))
+        out["running"].append(gauge_sum(body, b"governor_engine_num_requests_running"))
         if interval:
             time.sleep(interval)
     return out
+
+
+def cpu_pairs(client: httpx.Client, pid: int, rounds: int, window: float, interval: float) -> list[float]:
+    """Gateway CPU ms per scrape: for each round, a `window` of scrapes every `interval` s and an equal window
+    without, in alternating order; (CPU with - CPU without) / scrapes. The streams keep running in both."""
+    out = []
+    for i in range(rounds):
+        spent: dict[bool, float] = {}
+        scrapes = 0
+        for scraping in (True, False) if i % 2 == 0 else (False, True):
+            before, end = cpu_ms(pid), time.monotonic() + window
+            while time.monotonic() < end:
+                if scraping:
+                    client.get("/metrics").raise_for_status()
+                    scrapes += 1
+                time.sleep(interval)
+            spent[scraping] = cpu_ms(pid) - before
+        out.append((spent[True] - spent[False]) / max(1, scrapes))
+    return out
+
+
+def render_us(adapters: int, calls: int = 2000) -> float:
+    """In-process: µs to render the model-server series (the picker's families) with `adapters` adapters
+    half running, half waiting, and one engine's KV-cache copy."""
+    from governor.metrics.model_server import EngineCache, Flights, ModelServerSeries
+
+    flights = Flights()
+    for i in range(adapters):
+        flight = flights.admit(f"adapter-{i}")
+        if i % 2:
+            flight.started()
+    cache = EngineCache(0.3, {"block_size": "16", "num_gpu_blocks": "4096"})
+    names = [(f"adapter-{i}", True, False) for i in range(adapters)]
+    series = ModelServerSeries(flights, lambda: "model", adapters, lambda: names)
+    start = time.perf_counter()
+    for _ in range(calls):
+        series.render(["engine-0"], [cache])
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def p95(values: list[float]) -> float:
@@ -265,6 +305,7 @@ def run(url: str, args: argparse.Namespace, gateway_pid: int | None) -> None:
                     raise SystemExit(f"{args.streams} streams never got in flight")
                 time.sleep(0.2)
             busy = scrape(client, args.scrapes, args.interval)
+            pairs = cpu_pairs(client, gateway_pid, args.rounds, args.window, 0.05) if gateway_pid else []
         ok, failed = results.get(timeout=args.max_tokens * 2 + 120)
         before = cpu_ms(gateway_pid)
         idle = scrape(client, args.scrapes, args.interval)
@@ -276,6 +317,12 @@ def run(url: str, args: argparse.Namespace, gateway_pid: int | None) -> None:
     print(summary("idle", idle))
     if gateway_pid is not None:
         print(f"gateway CPU per idle scrape: {per_scrape:.2f} ms (independent of other load on this machine)")
+    if pairs:
+        print(f"gateway CPU per scrape at 20/s with {args.streams} streams: median {statistics.median(pairs):.2f} ms "
+              f"(min {min(pairs):.2f}, max {max(pairs):.2f}; {len(pairs)} pairs of {args.window:.0f} s windows, "
+              f"with/without scrapes interleaved): {statistics.median(pairs) * 20 / 10:.1f}% of a core at 20 "
+              f"scrapes/s")  # fmt: skip
+    print(f"model-server series render ({len(models) - 1} adapters): {render_us(max(1, len(models) - 1)):.1f} µs")
     verdict = "met" if p95(busy["ms"]) < GOAL_P95_MS else "NOT met"
     print(f"loaded/idle p95 ratio {p95(busy['ms']) / p95(idle['ms']):.2f}; goal p95 < {GOAL_P95_MS:.0f} ms "
           f"under load: {verdict}; streams finished {ok} ok, {failed} failed")  # fmt: skip
@@ -294,6 +341,8 @@ def main() -> None:
     ap.add_argument("--api-key", default="", help="a user key for /v1 (GOVERNOR_API_KEYS)")
     ap.add_argument("--metrics-key", default="", help="key for /metrics with GOVERNOR_METRICS_AUTH (default --api-key)")
     ap.add_argument("--gateway-pid", type=int, help="pid of the governor process, to report its CPU per scrape")
+    ap.add_argument("--rounds", type=int, default=10, help="with/without-scrape window pairs for the CPU figure")
+    ap.add_argument("--window", type=float, default=2.0, help="seconds per window of the CPU figure")
     ap.add_argument("--serve-engine", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_engine:
