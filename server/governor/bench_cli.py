@@ -89,6 +89,7 @@ def register_processors(bench_app: typer.Typer) -> None:
         steps: int = typer.Option(10, min=1, help="Synthetic: measured steps per configuration."),
         only: list[str] = typer.Option([], help="Synthetic: dry, ngram, window_penalty, balanced, strict."),
         reference: bool = typer.Option(False, help="Synthetic: time the slow per-row reference processors."),
+        threads: int = typer.Option(1, min=0, help="Synthetic: torch CPU threads (0: torch's default)."),
     ) -> None:
         """Throughput with the anti-loop processors active / plain, and loaded-but-unused / absent;
         --synthetic: per-step milliseconds and python_scaling without an engine."""
@@ -102,7 +103,8 @@ def register_processors(bench_app: typer.Typer) -> None:
 
             name = device or ("cuda" if torch.cuda.is_available() else "cpu")
             impl = "reference" if reference else ""
-            for line in synth.run(settings, name, batch, prompt_tokens, output_tokens, steps, only, impl):
+            lines = synth.run(settings, name, batch, prompt_tokens, output_tokens, steps, only, impl, threads)
+            for line in lines:
                 typer.echo(line)
             return
         from governor.bench import processors as bench

@@ -153,11 +153,15 @@ def cases(xargs: dict[str, dict[str, object]], implementation: str) -> dict[str,
 
 
 def run(settings: Any, device_name: str, batches: Sequence[int], prompt: int, output: int, steps: int,
-        only: Sequence[str] = (), implementation: str = "") -> Iterator[str]:  # fmt: skip
+        only: Sequence[str] = (), implementation: str = "", threads: int = 1) -> Iterator[str]:  # fmt: skip
     """Human lines, then one JSON line with every per-step time and python_scaling."""
     from governor.bootstrap import resolve_model
 
     device = torch.device(device_name)
+    if threads:
+        # On a shared CPU, OpenMP's spinning workers make multi-threaded small ops erratic (10-100x
+        # slower under load); one thread measures the work itself. 0 keeps torch's default.
+        torch.set_num_threads(threads)
     _, _, model_dir = resolve_model(settings)
     vocab = model_vocab(model_dir)
     table = cases(set_xargs(settings, model_dir), implementation)
@@ -166,6 +170,7 @@ def run(settings: Any, device_name: str, batches: Sequence[int], prompt: int, ou
     result: dict[str, Any] = {
         "device": str(device), "implementation": implementation or "current", "prompt": prompt, "output": output,
         "model_vocab": vocab, "steps": steps, "step_ms": {}, "python_scaling": {}, "scaling_step_ms": {},
+        "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
     for name, (classes, xargs) in table.items():
         per_vocab: dict[str, dict[str, float]] = {}
