@@ -55,10 +55,14 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         "rep_scope": "output",
         "rep_exempt_digits_punct": True,
         "loop_detection": True,
-        "loop_min_sentence_chars": 20,
-        "loop_phrase_span_chars": 48,
+        # A cut non-streaming answer is trimmed to the first copy, so a cut on "repeat this phrase four
+        # times" turns a right answer wrong: sentences under 40 chars count as phrases (a run of 128
+        # chars, ~5 copies, before the cut) and a sentence must recur 4 times. Loops run to max_tokens,
+        # so cutting them a copy or two later costs a few tokens (tests/eval/test_cut_spares_answers.py).
+        "loop_min_sentence_chars": 40,
+        "loop_phrase_span_chars": 128,
         "loop_symbol_span_chars": 160,
-        "loop_near_repeat_count": 3,
+        "loop_near_repeat_count": 4,
         "loop_near_repeat_window": 12,
     },
     "strict": {
