@@ -21,14 +21,9 @@ import torch
 from vllm import SamplingParams
 
 from governor.processors.extra_args import DRYConfig, parse_dry
-from governor.processors.slots import (
-    BatchedLogitsProcessor,
-    SlotRow,
-    Step,
-    TokenSets,
-    grown,
-)
+from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step, grown
 from governor.processors.suffix_match import SuffixMatch
+from governor.processors.token_sets import TokenSets
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -19,13 +19,8 @@ import torch
 from vllm import SamplingParams
 
 from governor.processors.extra_args import RepPenaltyConfig, parse_rep_penalty
-from governor.processors.slots import (
-    BatchedLogitsProcessor,
-    SlotRow,
-    Step,
-    TokenSets,
-    grown,
-)
+from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step, grown
+from governor.processors.token_sets import TokenSets
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
