@@ -116,18 +116,20 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         if width <= 0:
             return
         newest = step.appended[2] if step.fast and step.appended else self.per_slot(self.length) - 1
-        back = newest.unsqueeze(1) - distances[:width]  # where each earlier occurrence ends
-        at = back.clamp(min=0)
+        # History at positions t, t-1, ..., t-width in one gather: entry d (>= 1) is where an earlier
+        # occurrence ends, entry d - 1 the token that followed it.
+        positions = newest.unsqueeze(1) - (distances[: width + 1] - 1)
+        history = self.read_history(positions.clamp(min=0))
+        back, following = positions[:, 1:], history[:, :-1]
         match = self.slot_block(matches.match, width)
         if step.fast and step.appended:
-            same = (self.read_history(at) == step.appended[1].unsqueeze(1)) & (back >= 0)
+            same = (history[:, 1:] == step.appended[1].unsqueeze(1)) & (back >= 0)
             match = matches.extend(match, same, self.per_slot(matches.cap))
             self.write_per_slot(matches.match, width, match)
-        start = (newest + 1 - self.per_slot(self.range)).clamp(min=0).unsqueeze(1)
         # The match may not reach back before the range's start (reference: the context is cut there).
-        length = torch.minimum(match, back - start + 1).clamp_(0, MAX_MATCH_LENGTH)
+        reach = (1 - (newest + 1 - self.per_slot(self.range)).clamp(min=0)).unsqueeze(1)
+        length = torch.minimum(match, back + reach).clamp_(0, MAX_MATCH_LENGTH)
         penalty = self.per_slot(self.scale).gather(1, length)
-        following = self.read_history(at + 1)  # the token that followed each occurrence
         valid = (penalty > 0) & (following >= 0)
         tokens = following.clamp(min=0)
         if logits.shape[-1] < self.vocab_size:
