@@ -24,6 +24,8 @@ SEVERITIES = {"critical", "warning", "info"}
 # vLLM files that define Prometheus metrics (the v1 stat logger, perf counters, spec decode).
 VLLM_SOURCES = ("v1/metrics/loggers.py", "v1/metrics/perf.py", "v1/spec_decode/metrics.py")
 _VLLM_DEF = re.compile(r'_(counter|gauge|histogram)_cls\(\s*name="(vllm:[\w:]+)"')
+# Info metrics (vllm:cache_config_info) are gauges named in log_metrics_info before the _gauge_cls call.
+_VLLM_INFO = re.compile(r'name = "(vllm:\w+_info)"')
 _DURATION = re.compile(r"^\d+[smhdwy]$")
 
 # PromQL words that look like metric names but are not: keywords and operators (functions are
@@ -92,9 +94,11 @@ def vllm_series() -> set[str]:
     for relative in VLLM_SOURCES:
         source = package / relative
         if source.is_file():
-            for kind, name in _VLLM_DEF.findall(source.read_text()):
+            text = source.read_text()
+            for kind, name in _VLLM_DEF.findall(text):
                 base = name.removesuffix("_total") if kind == "counter" else name
                 names.update(base + suffix for suffix in SUFFIXES[kind])
+            names.update(_VLLM_INFO.findall(text))
     assert "vllm:num_requests_waiting" in names, "vLLM's metric definitions moved; update VLLM_SOURCES"
     return names
 
