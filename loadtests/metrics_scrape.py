@@ -319,7 +319,7 @@ def run(url: str, args: argparse.Namespace, gateway_pid: int | None) -> None:
         print(f"gateway CPU per idle scrape: {per_scrape:.2f} ms (independent of other load on this machine)")
     if pairs:
         print(f"gateway CPU per scrape at 20/s with {args.streams} streams: median {statistics.median(pairs):.2f} ms "
-              f"(min {min(pairs):.2f}, max {max(pairs):.2f}; {len(pairs)} pairs of {args.window:.0f} s windows, "
+              f"(min {min(pairs):.2f}, max {max(pairs):.2f}; {len(pairs)} pairs of {args.window:g} s windows, "
               f"with/without scrapes interleaved): {statistics.median(pairs) * 20 / 10:.1f}% of a core at 20 "
               f"scrapes/s")  # fmt: skip
     print(f"model-server series render ({len(models) - 1} adapters): {render_us(max(1, len(models) - 1)):.1f} µs")

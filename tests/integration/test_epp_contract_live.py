@@ -1,0 +1,147 @@
+"""The model-server contract against the real engine (the session's `live` Governor, no extra engine start):
+/metrics read the way the endpoint picker reads a vLLM-type server (tests/metrics/epp.py) while more
+adapters ask for the engine than it has LoRA slots (GOVERNOR_MAX_LORAS, 4), after a hot-swap and after an
+eviction; /v1/models names each adapter's parent. The fast version: tests/metrics/test_epp_contract.py."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Live, wait_for
+from tests.integration.adapters import random_adapter
+from tests.metrics import epp
+
+pytestmark = pytest.mark.engine
+
+SLOTS = 4  # GOVERNOR_MAX_LORAS' default, which the live server runs with
+NAMES = [f"epp-{i}" for i in range(SLOTS + 1)]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("epp-adapters")
+    random_adapter(root / "one", 61)
+    random_adapter(root / "two", 62)
+    return root
+
+
+def admin_load(live: Live, name: str) -> dict[str, object]:
+    r = httpx.post(live.url + "/admin/adapters", headers=live.admin(), json={"name": name, "path": f".api/{name}"},
+                   timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def scrape(live: Live) -> str:
+    r = httpx.get(live.url + "/metrics", timeout=10)
+    assert r.status_code == 200
+    return r.text
+
+
+def no_version_suffix(text: str) -> None:
+    marked = sorted(v for v in epp.label_values(text) if "@" in v)
+    assert not marked, f"label values with a version suffix: {marked}"
+
+
+def loaded(text: str) -> dict[str, float]:
+    return {s.labels["adapter"]: s.value for s in epp.parse(text)["governor_adapter_loaded"]}
+
+
+def stream(live: Live, model: str, max_tokens: int, results: list[str]) -> None:
+    body = {"model": model, "prompt": "Tell a long story about a lighthouse keeper:", "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "decoding_preset": "off"}  # fmt: skip
+    with httpx.stream("POST", live.v1 + "/completions", json=body, timeout=300) as r:
+        text = "".join(r.iter_text())
+    results.append("ok" if r.status_code == 200 and text.rstrip().endswith("data: [DONE]") else f"{r.status_code}")
+
+
+def watch(live: Live, threads: list[threading.Thread]) -> list[tuple[epp.EndpointMetrics, str]]:
+    """The picker's view every ~50 ms until every request thread is done."""
+    for t in threads:
+        t.start()
+    views = []
+    while any(t.is_alive() for t in threads):
+        text = scrape(live)
+        views.append((epp.read(text), text))
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    return views
+
+
+def test_epp_reads_running_and_waiting_adapters_with_the_slots_full(live: Live, made: Path) -> None:
+    for name in NAMES:
+        shutil.copytree(made / "one", live.adapters_dir / ".api" / name)
+        admin_load(live, name)  # the fifth evicts the least recently used
+    text = scrape(live)
+    held = loaded(text)
+    assert set(NAMES) <= set(held) and sum(held.values()) <= SLOTS, held
+    assert [n for n in NAMES if held[n] == 0], "five adapters cannot all hold four slots"
+
+    # Two requests per adapter, five adapters: one more adapter than the engine runs at once.
+    results: list[str] = []
+    threads = [threading.Thread(target=stream, args=(live, n, 48, results)) for n in NAMES * 2]
+    views = watch(live, threads)
+    assert results == ["ok"] * len(threads), results
+    for seen, text in views:
+        no_version_suffix(text)
+        assert seen.max_active_models == SLOTS
+        assert seen.running_requests_size + seen.waiting_queue_size <= len(threads)
+    apart = [seen for seen, _ in views if len(seen.active_models) == SLOTS and seen.waiting_models - seen.active_models]
+    assert apart, "never saw four adapters generating while a fifth waited: " + repr([v for v, _ in views][:40])
+    assert all(len(seen.active_models) <= SLOTS + 1 for seen, _ in views)  # a finishing one may overlap
+    assert any(seen.waiting_queue_size and seen.running_requests_size for seen, _ in views)
+    wait_for(lambda: epp.read(scrape(live)).running_requests_size == 0, 10, what="the counts to return to 0")
+    idle = epp.read(scrape(live))
+    assert idle.waiting_queue_size == 0 and idle.active_models == idle.waiting_models == set()
+    assert 0 <= idle.kv_cache_usage_percent <= 1 and idle.cache_block_size > 0 and idle.cache_num_blocks > 0
+
+    # After the eviction: the evicted adapter is registered but not loaded, and loads again on demand.
+    text = scrape(live)
+    evicted = [n for n in NAMES if loaded(text)[n] == 0]
+    assert evicted and sum(loaded(text).values()) <= SLOTS
+    results = []
+    stream(live, evicted[0], 4, results)
+    assert results == ["ok"] and loaded(scrape(live))[evicted[0]] == 1.0
+
+    cards = {m["id"]: m for m in httpx.get(live.v1 + "/models", timeout=10).json()["data"]}
+    assert cards[live.model]["parent"] is None
+    for name, card in cards.items():
+        if name != live.model:
+            assert card["parent"] == live.model, card
+    assert evicted[0] in cards
+
+
+def test_after_a_hot_swap_only_the_public_name_is_exported(live: Live, made: Path) -> None:
+    name = "epp-swap"
+    folder = live.adapters_dir / ".api" / name
+    shutil.copytree(made / "one", folder)
+    admin_load(live, name)
+    shutil.copy(made / "two" / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    info = admin_load(live, name)
+    assert info["upstream_name"] == f"{name}@2", info
+    swapped = time.monotonic()
+    results: list[str] = []
+    threads = [threading.Thread(target=stream, args=(live, name, 48, results))]
+    views = watch(live, threads)
+    assert results == ["ok"]
+    assert any(name in seen.active_models | seen.waiting_models for seen, _ in views)
+    for _, text in views:
+        no_version_suffix(text)
+
+    def engine_read_after_swap() -> bool:  # the engine's own series (which name `epp-swap@2`) were read
+        text = scrape(live)
+        age = epp.parse(text)["governor_engine_metrics_age_seconds"][0].value
+        no_version_suffix(text)
+        return time.monotonic() - age > swapped
+
+    wait_for(engine_read_after_swap, 10, 0.1, what="a copy of the engine's metrics from after the swap")
+    cards = {m["id"]: m for m in httpx.get(live.v1 + "/models", timeout=10).json()["data"]}
+    assert cards[name]["parent"] == live.model
+    assert not [m for m in cards if "@" in m]
