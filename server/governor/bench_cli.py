@@ -71,6 +71,22 @@ def register(bench_app: typer.Typer) -> None:
             raise typer.Exit(code)
 
 
+def register_merge(bench_app: typer.Typer) -> None:
+    @bench_app.command("merge")
+    def merge(
+        concurrency: int = typer.Option(32, min=1, help="Concurrent streams."),
+        reps: int = typer.Option(4, min=1, help="Repetitions per side (interleaved)."),
+        waves: int = typer.Option(2, min=1, help="Requests per run = waves x concurrency."),
+        eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),
+    ) -> None:
+        """A merged adapter with LoRA off vs the same adapter through LoRA: throughput ratio, same run."""
+        from governor.bench import merge as bench
+        from governor.settings import Settings
+
+        for line in bench.run(Settings(enforce_eager=eager), concurrency, reps, waves):
+            typer.echo(line)
+
+
 def register_processors(bench_app: typer.Typer) -> None:
     @bench_app.command("processors")
     def processors(
