@@ -412,3 +412,8 @@ def test_choruses_refrains_and_templates_are_not_block_loops(name: str) -> None:
     text = BLOCK_LEGIT[name]
     for pieces in (list(text), tokens(text), [text]):
         assert run(pieces)[0] is None, name
+
+
+@pytest.mark.parametrize("text", [STANZA_LOOP, CYCLE_LOOP, *BLOCK_LEGIT.values()])
+def test_block_decision_does_not_depend_on_chunking(text: str) -> None:
+    test_decision_does_not_depend_on_chunking(text)
