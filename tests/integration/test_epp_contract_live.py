@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.engine
 
 SLOTS = 4  # GOVERNOR_MAX_LORAS' default, which the live server runs with
 NAMES = [f"epp-{i}" for i in range(SLOTS + 1)]
+View = tuple[epp.EndpointMetrics, str]
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +55,15 @@ def loaded(text: str) -> dict[str, float]:
     return {s.labels["adapter"]: s.value for s in epp.parse(text)["governor_adapter_loaded"]}
 
 
-def stream(live: Live, model: str, max_tokens: int, results: list[str]) -> None:
-    body = {"model": model, "prompt": "Tell a long story about a lighthouse keeper:", "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "decoding_preset": "off"}  # fmt: skip
+def stream(live: Live, model: str, max_tokens: int, results: list[str], prompt: str = "Tell a long story:") -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "decoding_preset": "off"}  # fmt: skip
     with httpx.stream("POST", live.v1 + "/completions", json=body, timeout=300) as r:
         text = "".join(r.iter_text())
     results.append("ok" if r.status_code == 200 and text.rstrip().endswith("data: [DONE]") else f"{r.status_code}")
 
 
-def watch(live: Live, threads: list[threading.Thread]) -> list[tuple[epp.EndpointMetrics, str]]:
+def watch(live: Live, threads: list[threading.Thread]) -> list[View]:
     """The picker's view every ~50 ms until every request thread is done."""
     for t in threads:
         t.start()
@@ -75,40 +77,68 @@ def watch(live: Live, threads: list[threading.Thread]) -> list[tuple[epp.Endpoin
     return views
 
 
+def views_until(live: Live, done: Callable[[epp.EndpointMetrics], bool], timeout: float = 120) -> list[View]:
+    """The picker's view, scraped back to back, until `done` holds for one."""
+    views: list[View] = []
+    deadline = time.monotonic() + timeout
+    while not views or not done(views[-1][0]):
+        assert time.monotonic() < deadline, f"timed out; last views: {[v for v, _ in views[-5:]]}"
+        text = scrape(live)
+        views.append((epp.read(text), text))
+    return views
+
+
 def test_epp_reads_running_and_waiting_adapters_with_the_slots_full(live: Live, made: Path) -> None:
     for name in NAMES:
         shutil.copytree(made / "one", live.adapters_dir / ".api" / name)
         admin_load(live, name)  # the fifth evicts the least recently used
-    text = scrape(live)
-    held = loaded(text)
+    held = loaded(scrape(live))
     assert set(NAMES) <= set(held) and sum(held.values()) <= SLOTS, held
-    assert [n for n in NAMES if held[n] == 0], "five adapters cannot all hold four slots"
+    evicted = [n for n in NAMES if held[n] == 0]
+    busy = [n for n in NAMES if held[n] == 1]
+    # The adapters loaded last hold the slots (all four, unless an earlier test left one pinned).
+    assert evicted and len(busy) >= 2, held
+    generating, slow = busy[:-1], busy[-1]
 
-    # Two requests per adapter, five adapters: one more adapter than the engine runs at once.
+    # Three adapters generate; then the fourth's request arrives with a long prompt: admitted, no token yet
+    # while its prompt is prefilled (waiting), beside the three running ones.
     results: list[str] = []
-    threads = [threading.Thread(target=stream, args=(live, n, 48, results)) for n in NAMES * 2]
-    views = watch(live, threads)
+    threads = [threading.Thread(target=stream, args=(live, n, 96, results)) for n in generating]
+    for t in threads:
+        t.start()
+    views = views_until(live, lambda m: set(generating) <= m.active_models)
+    long_prompt = "The lighthouse keeper counted the waves. " * 300  # ~2,400 tokens of prefill
+    threads.append(threading.Thread(target=stream, args=(live, slow, 4, results, long_prompt)))
+    threads[-1].start()
+    views += views_until(live, lambda m: slow in m.active_models | m.waiting_models)
+    # All four slots hold an adapter with a request in flight: a fifth adapter cannot be loaded now.
+    full = epp.read(scrape(live))
+    r = httpx.post(live.v1 + "/completions", json={"model": evicted[0], "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_slots_full", r.text
+    views += views_until(live, lambda m: not (m.active_models | m.waiting_models))
+    for t in threads:
+        t.join(120)
     assert results == ["ok"] * len(threads), results
+
+    apart = [seen for seen, _ in views if set(generating) <= seen.active_models and slow in seen.waiting_models
+             and slow not in seen.active_models]  # fmt: skip
+    assert apart, "never saw the fourth adapter waiting beside three running: " + repr([v for v, _ in views][-40:])
+    assert apart[0].waiting_queue_size >= 1 and apart[0].running_requests_size >= len(generating)
+    if len(busy) == SLOTS:  # the picker sees every slot taken
+        assert full.active_models | full.waiting_models == set(busy) and full.max_active_models == SLOTS, full
     for seen, text in views:
         no_version_suffix(text)
         assert seen.max_active_models == SLOTS
-        assert seen.running_requests_size + seen.waiting_queue_size <= len(threads)
-    apart = [seen for seen, _ in views if len(seen.active_models) == SLOTS and seen.waiting_models - seen.active_models]
-    assert apart, "never saw four adapters generating while a fifth waited: " + repr([v for v, _ in views][:40])
-    assert all(len(seen.active_models) <= SLOTS + 1 for seen, _ in views)  # a finishing one may overlap
-    assert any(seen.waiting_queue_size and seen.running_requests_size for seen, _ in views)
-    wait_for(lambda: epp.read(scrape(live)).running_requests_size == 0, 10, what="the counts to return to 0")
+        assert not (seen.active_models | seen.waiting_models) - set(busy), seen  # only adapters holding a slot
     idle = epp.read(scrape(live))
-    assert idle.waiting_queue_size == 0 and idle.active_models == idle.waiting_models == set()
+    assert (idle.waiting_queue_size, idle.running_requests_size) == (0, 0)
     assert 0 <= idle.kv_cache_usage_percent <= 1 and idle.cache_block_size > 0 and idle.cache_num_blocks > 0
 
-    # After the eviction: the evicted adapter is registered but not loaded, and loads again on demand.
-    text = scrape(live)
-    evicted = [n for n in NAMES if loaded(text)[n] == 0]
-    assert evicted and sum(loaded(text).values()) <= SLOTS
+    # After the eviction: the evicted adapter is registered but not loaded, and loads on demand once a slot is free.
     results = []
     stream(live, evicted[0], 4, results)
-    assert results == ["ok"] and loaded(scrape(live))[evicted[0]] == 1.0
+    held = loaded(scrape(live))
+    assert results == ["ok"] and held[evicted[0]] == 1.0 and sum(held.values()) <= SLOTS, held
 
     cards = {m["id"]: m for m in httpx.get(live.v1 + "/models", timeout=10).json()["data"]}
     assert cards[live.model]["parent"] is None
