@@ -182,6 +182,9 @@ def test_engine_serves_only_validated_weights_whatever_happens_to_the_folder(liv
         assert 400 <= r.status_code < 500 and word in r.json()["error"]["message"], r.text
     assert not marker.exists()
     assert ready(live.url)
+    # Governor's copies: only what the engine holds (at most its 4 slots), none of them with a pickle.
+    staged = [p for p in (live.adapters_dir.parent / "state" / "staged").iterdir()]
+    assert 1 <= len(staged) <= 4 and not [f for p in staged for f in p.iterdir() if f.suffix == ".bin"]
 
 
 class MarkerOnUnpickle:
