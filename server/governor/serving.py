@@ -108,7 +108,10 @@ class GenerationService:
         call = req.to_upstream(self.policy(), target, salt)
         scope.admitted()
         upstream = await self._open_any(scope, target, call.body, seqs)
-        relay = Relay(upstream, kind=req.endpoint.kind, n=req.prompt_count() * req.n, loop=call.loop,
+        # A collected answer is read in a loop that never waits while upstream data is buffered: give the
+        # event loop a turn per network read, or a disconnect is only seen once a backlog is parsed.
+        source = upstream if req.stream else _Yielding(upstream)
+        relay = Relay(source, kind=req.endpoint.kind, n=req.prompt_count() * req.n, loop=call.loop,
                       client_usage=req.wants_usage, client_continuous=req.wants_continuous_usage,
                       request_id=scope.request_id, on_error=self.metrics.stream_error,
                       on_first_token=scope.first_token)  # fmt: skip
@@ -157,6 +160,25 @@ class GenerationService:
                 raise from_transport(exc, started=False) from exc
             raise upstream_error(upstream.status, raw)
         return upstream
+
+
+class _Yielding:
+    """An upstream whose reads each give the event loop a turn (see `_generate`)."""
+
+    def __init__(self, inner: Upstream) -> None:
+        self.inner = inner
+        self.status = inner.status
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner.chunks():
+            yield chunk
+            await asyncio.sleep(0)
+
+    async def read(self) -> bytes:
+        return await self.inner.read()
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 class _Held(contextlib.AbstractContextManager[None]):
