@@ -270,11 +270,11 @@ def test_alpaca_profile_stops_at_its_template(live: Live, workdir: Path) -> None
 
 
 def test_refused_admin_loads_are_not_persisted(live: Live, workdir: Path) -> None:
-    """After the hostile loads above, the state file holds only adapters that loaded (ready or evicted)."""
+    """After the hostile loads above, the state file holds only adapters that loaded at least once (ready,
+    evicted, or failed on a later reload like the swapped ones above), none of the refused ones."""
     r = admin_load(live, "never-persisted", "/etc")
     assert r.status_code == 400, r.text
     saved = json.loads((live.adapters_dir.parent / "state" / "adapters.json").read_text())
     names = {e["name"] for e in saved["adapters"]}
-    states = {name: a["state"] for name, a in adapters(live).items()}
-    assert names and all(states.get(n) in ("ready", "evicted") for n in names), (names, states)
-    assert not names & {"never-persisted", "ok-name", "escape", "pickled", "big-rank", "missing"}
+    assert names and names <= set(adapters(live)), names
+    assert not names & {"never-persisted", "ok-name", "escape", "pickled", "big-rank", "missing"}, names
