@@ -102,14 +102,15 @@ class Settings(BaseSettings):
         description="Request fields Governor does not know (or refuses) that clients may send anyway, unchecked.",
     )
     max_request_sequences: int = Field(
-        256, ge=1, description="Most sequences (prompts × n, or × best_of) one request may ask for (400 past it)."
+        256, ge=1, description="Most sequences (prompts x n, or x best_of) one request may ask for (400 past it)."
     )
     address_concurrency: int = Field(
         64, ge=0, description="Concurrent requests per client address when no API key is shown (0 = unlimited)."
     )
     cache_salt_per_key: bool = Field(
-        False, description="Salt the engine's prefix cache per API key (closes the cross-tenant timing channel; "
-        "costs shared-prefix hits)."
+        False,
+        description="Salt the engine's prefix cache per API key (closes the cross-tenant timing channel; "
+        "costs shared-prefix hits).",
     )
     docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json.")
 

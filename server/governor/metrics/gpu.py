@@ -203,9 +203,7 @@ class GpuCollector(Collector):
             if self._thread is not None:
                 return
             self._stop = threading.Event()
-            self._thread = threading.Thread(
-                target=self._run, args=(self._stop,), name=self.thread_name, daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, args=(self._stop,), name=self.thread_name, daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
