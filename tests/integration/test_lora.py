@@ -80,15 +80,8 @@ def test_mixed_batch_each_gets_its_own_model(live: Live, workdir: Path) -> None:
     assert alone["rand1"] != alone[live.model] and alone["rand2"] != alone[live.model]
     with ThreadPoolExecutor(9) as pool:
         batch = list(pool.map(lambda m: (m, answer(live, m, "Write one sentence about cats.")), models * 3))
-    # Cross-talk would serve one model's answer for another. Greedy decoding is not bitwise batch-invariant in
-    # vLLM (a mixed LoRA batch runs other GEMM shapes), so a near-tie may flip one copy: seen once in the full
-    # suite, on the base model, never alone. Each model must keep its own answer in most copies and never
-    # give another model's.
-    for model in models:
-        texts = [text for m, text in batch if m == model]
-        assert sum(text == alone[model] for text in texts) >= 2, (model, texts, alone[model])
-        others = {alone[m] for m in models if m != model} - {alone[model]}
-        assert not others & set(texts), (model, texts)
+    for model, text in batch:
+        assert text == alone[model], model
 
 
 def test_replacing_weights_changes_output_and_deleting_removes(live: Live, workdir: Path) -> None:

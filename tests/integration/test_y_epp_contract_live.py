@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +31,19 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random_adapter(root / "one", 61)
     random_adapter(root / "two", 62)
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unload_after(live: Live) -> Iterator[None]:
+    """Give the session engine's LoRA slots back. The module also runs late (test_y_): after its slot churn
+    (evictions, a hot-swap to epp-swap@2) the base model's greedy answers in a batch mixed with two adapters
+    differ from its answers alone, even once these adapters are unloaded — found this session, not diagnosed
+    yet; `pytest tests/integration/test_y_epp_contract_live.py tests/integration/test_lora.py::
+    test_mixed_batch_each_gets_its_own_model` reproduces it."""
+    yield
+    for name in [*NAMES, "epp-swap"]:
+        httpx.delete(f"{live.url}/admin/adapters/{name}", headers=live.admin(), timeout=60)
+        shutil.rmtree(live.adapters_dir / ".api" / name, ignore_errors=True)
 
 
 def admin_load(live: Live, name: str) -> dict[str, object]:
