@@ -39,7 +39,11 @@ def unload_after(live: Live) -> Iterator[None]:
     (evictions, a hot-swap to epp-swap@2) the base model's greedy answers in a batch mixed with two adapters
     differ from its answers alone, even once these adapters are unloaded — found this session, not diagnosed
     yet; `pytest tests/integration/test_y_epp_contract_live.py tests/integration/test_lora.py::
-    test_mixed_batch_each_gets_its_own_model` reproduces it."""
+    test_mixed_batch_each_gets_its_own_model` reproduces it. Adapters earlier tests left loaded are unloaded
+    first: this module fills the slots itself."""
+    r = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=30)
+    for adapter in r.json()["data"]:
+        httpx.delete(f"{live.url}/admin/adapters/{adapter['name']}", headers=live.admin(), timeout=60)
     yield
     for name in [*NAMES, "epp-swap"]:
         httpx.delete(f"{live.url}/admin/adapters/{name}", headers=live.admin(), timeout=60)
