@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -26,28 +25,6 @@ from tests.metrics.fake_nvml import (
 GPU_FAMILIES = {name for key, (name, _, _) in FAMILIES.items() if key not in ("available", "tokens_per_joule")}
 
 Make = Callable[..., GpuCollector]
-
-
-@pytest.fixture
-def nvml() -> FakeNvml:
-    return FakeNvml()
-
-
-@pytest.fixture
-def make(nvml: FakeNvml) -> Iterator[Make]:
-    """GpuCollectors on the fake NVML and a test clock, reading every 10 ms; closed after the test."""
-    made: list[GpuCollector] = []
-
-    def factory(tokens: Any = None, **kwargs: Any) -> GpuCollector:
-        kwargs.setdefault("nvml", nvml)
-        kwargs.setdefault("clock", Clock())
-        kwargs.setdefault("interval", 0.01)
-        made.append(GpuCollector(tokens or Tokens(), **kwargs))
-        return made[-1]
-
-    yield factory
-    for collector in made:
-        collector.close()
 
 
 def test_exposes_every_family_per_gpu(make: Make) -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pynvml
-import pytest
 import yaml
 
 from governor.metrics.gpu import GpuCollector
@@ -20,7 +19,6 @@ from tests.metrics.fake_nvml import (
     UNKNOWN,
     Clock,
     FakeNvml,
-    Tokens,
     fresh,
     labels,
     samples,
@@ -32,29 +30,6 @@ from tests.metrics.fake_nvml import (
 Make = Callable[..., GpuCollector]
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 SCRAPE_DEADLINE_S = 1.0  # behavioural: a scrape that waited on the hung call would take forever
-
-
-@pytest.fixture
-def nvml() -> FakeNvml:
-    return FakeNvml()
-
-
-@pytest.fixture
-def make(nvml: FakeNvml) -> Iterator[Make]:
-    made: list[GpuCollector] = []
-
-    def factory(**kwargs: Any) -> GpuCollector:
-        kwargs.setdefault("nvml", nvml)
-        kwargs.setdefault("clock", Clock())
-        kwargs.setdefault("interval", 0.01)
-        made.append(GpuCollector(Tokens(), **kwargs))
-        return made[-1]
-
-    yield factory
-    for event in nvml.hang.values():  # never leave a reader thread blocked behind a failed test
-        event.set()
-    for collector in made:
-        collector.close()
 
 
 def up(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
