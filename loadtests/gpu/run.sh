@@ -15,7 +15,7 @@ BUDGET=${BUDGET:-560}   # seconds for this call; the load and eval steps shrink 
 GW=http://127.0.0.1:8000
 ENGINE=http://127.0.0.1:8100
 REHEARSAL=${REHEARSAL:-}
-DEVICE=gpu; LOAD_ARGS="--concurrency 64 256 --reps 3"; EVAL_ARGS="--concurrency 208"; SYNTH_ARGS="--steps 5"
+DEVICE=gpu; LOAD_ARGS="--concurrency 64 256 --reps 3 --waves 1.5"; EVAL_ARGS="--concurrency 208"; SYNTH_ARGS="--steps 5 --batch 8 --batch 256 --batch 1024"
 if [ -n "$REHEARSAL" ]; then
   DEVICE=cpu; LOAD_ARGS="--concurrency 4 --reps 1 --waves 1"; EVAL_ARGS="--concurrency 8 --limit 1 --seeds 1"
   SYNTH_ARGS="--steps 2 --batch 8 --batch 64"
@@ -60,7 +60,7 @@ if has synth; then
   log "1. model (background) + synthetic processor bench on the GPU"
   PIP_NO_INDEX=1 PIP_FIND_LINKS=$X python3 -m governor model prepare >"$WORK/model.log" 2>&1 &
   MODEL_PID=$!
-  timeout 100 python3 -m governor bench processors --synthetic --device $([ $DEVICE = gpu ] && echo cuda || echo cpu) \
+  timeout 75 python3 -m governor bench processors --synthetic --device $([ $DEVICE = gpu ] && echo cuda || echo cpu) \
     $SYNTH_ARGS >"$WORK/synthetic.json" 2>"$WORK/synthetic.log" || log "synthetic bench failed or timed out"
   tail -n 2 "$WORK/synthetic.json" | cut -c1-1500
   wait $MODEL_PID || { log "model prepare failed"; tail -n 20 "$WORK/model.log"; }
