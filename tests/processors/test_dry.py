@@ -119,6 +119,18 @@ def test_huge_base_bans_instead_of_overflowing() -> None:
     assert torch.isfinite(logits[0, torch.arange(VOCAB) != 5]).all()
 
 
+def test_a_ban_never_reaches_a_breaker_or_an_id_past_the_vocabulary() -> None:
+    # Earlier copies of "5 6 7" were followed by a breaker (0) and by an id past the vocabulary:
+    # their infinite penalties have no logit to land on, and must not turn into nan elsewhere.
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 1e300, "gov_dry_allowed_length": 1, "gov_dry_breakers": "0"}
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    sim.add(0, args, [5, 6, 7, 0, 5, 6, 7, VOCAB + 3, 5, 6, 7], [])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    assert torch.equal(logits, torch.zeros(1, VOCAB))
+
+
 def test_long_repeat_is_capped() -> None:
     # 200 identical tokens: the match length stops at 50, so the penalty is base ** (50 - allowed).
     args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 1.1, "gov_dry_allowed_length": 2}

@@ -7,9 +7,9 @@ that length L, so when L >= allowed_length it loses ``multiplier * base ** (L - 
 from its logit. Sequence-breaker tokens end a match. The context is prompt + output.
 
 The match lengths live on the device (``SuffixMatch``) and grow or reset with each token; a step
-is a fixed number of tensor ops over [rows, context]. Breakers are stored in the history as a
-value unique to their position, so they can never be part of a match. ``reference.dry`` is the
-per-row original this is tested against.
+is a fixed number of tensor ops over [rows, context] slices of the aligned history. Breakers are
+stored as ``BREAK`` and compared as ``NEVER``, so they can never be part of a match.
+``reference.dry`` is the per-row original this is tested against.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from vllm import SamplingParams
 
 from governor.processors.extra_args import DRYConfig, parse_dry
-from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step, grown
+from governor.processors.slots import BREAK, BatchedLogitsProcessor, SlotRow, Step, grown, outside_keys
 from governor.processors.suffix_match import SuffixMatch
 from governor.processors.token_sets import TokenSets
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # Longest match measured. Bounds the state and keeps base ** L finite; the reference
 # implementations use the same cap.
 MAX_MATCH_LENGTH = 50
-_UNBOUNDED = 1 << 40
+_UNBOUNDED = 1 << 30
 
 
 def penalty_scale(config: DRYConfig) -> list[float]:
@@ -56,10 +56,11 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         self.sets = TokenSets(self.vocab_size, self.device)
         self.matches = SuffixMatch(self.device)
         self.scale = torch.zeros((0, MAX_MATCH_LENGTH + 1), dtype=torch.float32, device=self.device)
-        self.range = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.range = torch.zeros(0, dtype=torch.int32, device=self.device)
         self.breakers = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._seen_layout = -1
-        self._widest = 0  # the largest range among the rows (0: unbounded)
+        self._widest = self._narrowest = _UNBOUNDED  # the largest and smallest range among the rows
+        self._columns = torch.zeros(0, dtype=torch.int32, device=self.device)  # 0, 1, 2, …
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -69,71 +70,55 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
     def parse(self, extra_args: dict[str, Any] | None) -> DRYConfig | None:
         return parse_dry(extra_args)
 
-    def resize_state(self, slots: int, length: int) -> None:
-        self.matches.resize(slots, length)
-        self.scale = grown(self.scale, (slots, MAX_MATCH_LENGTH + 1))
-        self.range = grown(self.range, (slots,))
-        self.breakers = grown(self.breakers, (slots,))
+    def resize_state(self, slots: int, columns: int, src: int, dst: int, count: int) -> None:
+        self.matches.resize(slots, columns, src, dst, count)
+        if slots > self.scale.shape[0]:
+            self.scale = grown(self.scale, (slots, MAX_MATCH_LENGTH + 1))
+            self.range = grown(self.range, (slots,))
+            self.breakers = grown(self.breakers, (slots,))
+        if columns > self._columns.shape[0]:
+            self._columns = torch.arange(columns, dtype=torch.int32, device=self.device)
 
     def configure(self, rows: list[SlotRow]) -> None:
         for row in rows:
             row.token_set = self.sets.acquire(row.config.breakers, self.host_to_device)
         ints = [row.slot for row in rows] + [row.token_set for row in rows]
-        ints += [row.config.range or _UNBOUNDED for row in rows]
+        ints += [min(row.config.range or _UNBOUNDED, _UNBOUNDED) for row in rows]
         slots, sets, ranges = self.host_to_device(ints, torch.int64).split(len(rows))
         scales = [value for row in rows for value in penalty_scale(row.config)]
         self.scale[slots] = self.host_to_device(scales, torch.float32).view(len(rows), -1)
         self.breakers[slots] = sets
-        self.range[slots] = ranges
-        self.matches.cap[slots] = MAX_MATCH_LENGTH
+        self.range[slots] = ranges.to(torch.int32)
 
     def release_config(self, row: SlotRow) -> None:
         self.sets.release(row.token_set)
 
-    def encode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Breakers become -(position + 2): unique, so they match nothing and are never penalised.
-        Ids past the vocabulary (a client's tokenizer) become -(id + 2**40): they still match each
-        other, but have no logit to lower."""
+    def encode(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Breakers become ``BREAK`` (they match nothing and are never penalised)."""
         breaker = self.sets.contains(self.breakers[slots], tokens)
-        keys = torch.where(tokens >= self.vocab_size, -(tokens + _UNBOUNDED), tokens)
-        return torch.where(breaker, -(positions + 2), keys)
+        return torch.where(breaker, BREAK, outside_keys(tokens, self.vocab_size))
 
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
-            ranges = [row.config.range for row in self.active]
-            self._widest = 0 if 0 in ranges else max(ranges)
+            ranges = [row.config.range or _UNBOUNDED for row in self.active]
+            self._widest, self._narrowest = max(ranges), min(ranges)
             self._seen_layout = self.layout_version
-        # Distances 1..t matter, and within a range r only those below r.
-        width = step.longest - 1
-        if self._widest:
-            width = min(width, self._widest - 1)
-        matches, distances = self.matches, self.distances
-        if not step.fast:
-            if step.appended is not None and width > 0:
-                matches.advance(self.history, *step.appended, distances, width)
-            if step.rewritten is not None:
-                matches.rebuild(self.history, self.length, step.rewritten, distances, width, MAX_MATCH_LENGTH)
-        if width <= 0:
+        # Earlier occurrences lie at distances 1..t, and within a range r only those below r.
+        width = min(step.longest - 1, self._widest - 1)
+        match = self.matches.update(self, step, width, MAX_MATCH_LENGTH)
+        if match is None:
             return
-        newest = step.appended[2] if step.fast and step.appended else self.per_slot(self.length) - 1
-        # History at positions t, t-1, ..., t-width in one gather: entry d (>= 1) is where an earlier
-        # occurrence ends, entry d - 1 the token that followed it.
-        positions = newest.unsqueeze(1) - (distances[: width + 1] - 1)
-        history = self.read_history(positions.clamp(min=0))
-        back, following = positions[:, 1:], history[:, :-1]
-        match = self.slot_block(matches.match, width)
-        if step.fast and step.appended:
-            same = (history[:, 1:] == step.appended[1].unsqueeze(1)) & (back >= 0)
-            match = matches.extend(match, same, self.per_slot(matches.cap))
-            self.write_per_slot(matches.match, width, match)
-        # The match may not reach back before the range's start (reference: the context is cut there).
-        reach = (1 - (newest + 1 - self.per_slot(self.range)).clamp(min=0)).unsqueeze(1)
-        length = torch.minimum(match, back + reach).clamp_(0, MAX_MATCH_LENGTH)
-        penalty = self.per_slot(self.scale).gather(1, length)
-        valid = (penalty > 0) & (following >= 0)
-        tokens = following.clamp(min=0)
-        if logits.shape[-1] < self.vocab_size:
-            valid &= tokens < logits.shape[-1]
-            tokens.clamp_(max=logits.shape[-1] - 1)
-        lowered = self.read_logits(logits, tokens) - penalty.to(logits.dtype)
-        self.lower_logits(logits, tokens, torch.where(valid, lowered, math.inf))
+        now = step.now
+        length = match
+        if self._narrowest - width < MAX_MATCH_LENGTH:
+            # The match may not reach back before the range's start (reference: the context is cut
+            # there): at column now - width + j it may count at most j - width + range tokens.
+            reach = self.per_slot(self.range).unsqueeze(1) - width
+            length = torch.minimum(match, self._columns[:width] + reach).clamp_(min=0)
+        # The token after each earlier occurrence: the candidate that would extend the repeat.
+        tokens, alive = self.targets(logits, now - width + 1, now + 1)
+        penalty = self.per_slot(self.scale).gather(1, length.long()).mul_(alive)
+        # A ban (inf) times a dead cell (0) is nan: that cell has nothing to lower.
+        penalty.nan_to_num_(nan=0.0, posinf=math.inf)
+        lowered = self.read_logits(logits, tokens).sub_(penalty.to(logits.dtype))
+        self.lower_logits(logits, tokens, lowered)

@@ -25,7 +25,7 @@ from governor.processors.suffix_match import SuffixMatch
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-_UNBOUNDED = 1 << 40
+_UNBOUNDED = 1 << 30
 _MAX_CAP = 32767  # the match state is int16; an n-gram longer than that never fits a context anyway
 
 
@@ -38,11 +38,12 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         super().__init__(vllm_config, device, is_pin_memory)
         self.matches = SuffixMatch(self.device)
-        self.need = torch.zeros(0, dtype=torch.int64, device=self.device)  # n - 1
-        self.window = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.need = torch.zeros(0, dtype=torch.int16, device=self.device)  # n - 1
+        self.reach = torch.zeros(0, dtype=torch.int32, device=self.device)  # window - (n - 1)
         self._seen_layout = -1
-        self._widest = 0  # the largest window among the rows (0: unbounded)
-        self._lookback = 0  # the largest n - 1 among the rows
+        self._widest = self._narrowest = _UNBOUNDED  # the largest and smallest reach among the rows
+        self._cap = 0  # the largest n - 1 among the rows
+        self._columns = torch.zeros(0, dtype=torch.int32, device=self.device)  # 0, 1, 2, …
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -55,53 +56,44 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
     def kept_prompt(self, config: Any, prompt: list[int]) -> list[int]:
         return []
 
-    def resize_state(self, slots: int, length: int) -> None:
-        self.matches.resize(slots, length)
-        self.need = grown(self.need, (slots,))
-        self.window = grown(self.window, (slots,))
+    def resize_state(self, slots: int, columns: int, src: int, dst: int, count: int) -> None:
+        self.matches.resize(slots, columns, src, dst, count)
+        if slots > self.need.shape[0]:
+            self.need = grown(self.need, (slots,))
+            self.reach = grown(self.reach, (slots,))
+        if columns > self._columns.shape[0]:
+            self._columns = torch.arange(columns, dtype=torch.int32, device=self.device)
+
+    @staticmethod
+    def _reach(config: NGramConfig) -> int:
+        # The n-gram after column c starts at c - (n - 2): inside a window w iff c >= now - (w - (n - 1)).
+        return min(config.window or _UNBOUNDED, _UNBOUNDED) - min(config.size - 1, _MAX_CAP)
 
     def configure(self, rows: list[SlotRow]) -> None:
         ints = [row.slot for row in rows] + [min(row.config.size - 1, _MAX_CAP) for row in rows]
-        ints += [row.config.window or _UNBOUNDED for row in rows]
-        slots, need, window = self.host_to_device(ints, torch.int64).split(len(rows))
-        self.need[slots] = need
-        self.window[slots] = window
-        self.matches.cap[slots] = need.to(torch.int16)
-
-    def encode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Ids past the vocabulary become -(id + 2**40): they still match each other, but have no logit."""
-        return torch.where(tokens >= self.vocab_size, -(tokens + _UNBOUNDED), tokens)
+        ints += [self._reach(row.config) for row in rows]
+        slots, need, reach = self.host_to_device(ints, torch.int64).split(len(rows))
+        self.need[slots] = need.to(torch.int16)
+        self.reach[slots] = reach.to(torch.int32)
 
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
-            windows = [row.config.window for row in self.active]
-            self._widest = 0 if 0 in windows else max(windows)
-            self._lookback = min(_MAX_CAP, max(row.config.size for row in self.active) - 1)
+            reaches = [self._reach(row.config) for row in self.active]
+            self._widest, self._narrowest = max(reaches), min(reaches)
+            self._cap = min(_MAX_CAP, max(row.config.size for row in self.active) - 1)
             self._seen_layout = self.layout_version
-        # Distances 1..t+1 matter (for n = 1 even the first token), and only within the window.
-        width = min(step.longest, self._widest) if self._widest else step.longest
-        matches, distances = self.matches, self.distances
-        if not step.fast:
-            if step.appended is not None:
-                matches.advance(self.history, *step.appended, distances, width)
-            if step.rewritten is not None:
-                matches.rebuild(self.history, self.length, step.rewritten, distances, width, self._lookback)
-        newest = step.appended[2] if step.fast and step.appended else self.per_slot(self.length) - 1
-        back = newest.unsqueeze(1) - distances[:width]  # where each earlier n-gram prefix ends
-        match = self.slot_block(matches.match, width)
-        if step.fast and step.appended:
-            same = (self.read_history(back.clamp(min=0)) == step.appended[1].unsqueeze(1)) & (back >= 0)
-            match = matches.extend(match, same, self.per_slot(matches.cap))
-            self.write_per_slot(matches.match, width, match)
-        low = (newest + 1 - self.per_slot(self.window)).clamp(min=0).unsqueeze(1)
-        need = self.per_slot(self.need).unsqueeze(1)
-        # The n-gram that ends after `back` starts at back - need + 1: it must lie in the window.
-        valid = (match >= need) & (back >= low + need - 1) & (back >= -1)
-        following = self.read_history((back + 1).clamp(min=0))
-        valid &= following >= 0
-        tokens = following.clamp(min=0)
-        if logits.shape[-1] < self.vocab_size:
-            valid &= tokens < logits.shape[-1]
-            tokens.clamp_(max=logits.shape[-1] - 1)
-        banned = torch.full((), -math.inf, dtype=logits.dtype, device=logits.device)
-        self.lower_logits(logits, tokens, torch.where(valid, banned, math.inf))
+        # Earlier n-gram prefixes end at distances 1..t+1 (for n = 1 the "prefix" before the first
+        # token counts too), and only where the n-gram lies in the window.
+        width = min(step.longest, self._widest)
+        match = self.matches.update(self, step, width, self._cap)
+        if match is None:
+            return
+        now = step.now
+        tokens, alive = self.targets(logits, now - width + 1, now + 1)
+        # 1 where the n-gram repeats: the prefix matched n - 1 tokens (int16 arithmetic, no masks).
+        banned = (match - self.per_slot(self.need).unsqueeze(1)).add_(1).clamp_(0, 1) * alive
+        if self._narrowest < width:
+            banned *= self._columns[:width] >= (width - self.per_slot(self.reach)).unsqueeze(1)
+        # (0.5 - 1) * inf = -inf bans, (0.5 - 0) * inf = +inf leaves the logit as it is.
+        values = banned.sub_(0.5).mul_(-math.inf)
+        self.lower_logits(logits, tokens, values.to(logits.dtype))

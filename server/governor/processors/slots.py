@@ -1,12 +1,20 @@
 """Token history on the logits device, one slot per participating request, fed from vLLM's lists.
 
-A batched processor keeps each request's tokens in a row ("slot") of a [slots, length] tensor on
-the logits device and derives everything else there. Per step the host only reads each row's
-newest token from vLLM's live output list (a few C-level list passes, no per-row Python in the
-common case) and sends them in one copy; the processor then does a fixed number of tensor ops
-over all rows. Anything unusual (a row just added, tokens dropped or regenerated, a placeholder
-still present, several tokens at once) takes the general path, which rewrites what changed.
-Batch moves and swaps only change which logits row a slot serves: no device copy.
+A batched processor keeps each request's tokens in a row ("slot") of a [slots, columns] tensor on
+the logits device and derives everything else there. The rows are right-aligned: every active
+request's newest token sits in the same column, ``now``, so "the last W tokens of every row" is
+a plain slice ``[:, now - W + 1 : now + 1]``, never a gather; cells before a request's first token
+hold ``EMPTY``. In the common step every row gains one token: ``now`` moves one column right and
+the host sends the newest tokens in one copy (a few C-level passes over vLLM's output lists, no
+per-row Python). Anything unusual (a row just added, tokens dropped or regenerated, a placeholder
+still present, several tokens at once) takes the general path, which rewrites those rows whole,
+right-aligned again. When ``now`` reaches the last column the rows are moved back to the left
+(one copy of what is still needed, every ~``longest`` steps). Batch moves and swaps only change
+which logits row a slot serves: no device copy.
+
+Three planes per cell, written once per token: the key the subclass matches on (int32), the
+logits column to touch (int64, 0 where there is none) and ``alive`` (1.0, or 0.0 where there is
+no logit to touch: a float, because multiplying by it is ~10x cheaper on CPU than a masked fill).
 """
 
 from __future__ import annotations
@@ -28,7 +36,12 @@ if TYPE_CHECKING:
 _LAST = itemgetter(-1)
 _BEFORE_LAST = itemgetter(-2)
 _MIN_SLOTS = 8
-_MIN_LENGTH = 64
+_MIN_COLUMNS = 64
+# Keys: token ids are >= 0; these never equal a token. OUTSIDE_BASE - k encodes id vocab + k.
+EMPTY = -1  # before a request's first token (and "skip" for the windowed penalty)
+BREAK = -2  # a DRY sequence breaker in the history
+NEVER = -3  # compared against, matches no cell
+OUTSIDE_BASE = -4
 
 
 @dataclass(slots=True)
@@ -51,10 +64,12 @@ class Step:
 
     rows: torch.Tensor  # logits row of each participating request
     slots: torch.Tensor  # its slot, same order
-    longest: int  # longest history among them (host-known, bounds the tensor widths)
-    # Slots that gained exactly one token: (slots, the token's key, its position). In the fast path
-    # this is every participating slot, in `slots` order.
-    appended: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    longest: int  # longest history among them (host-known, bounds the slice widths)
+    now: int  # the column of every participating row's newest token
+    advanced: bool  # ``now`` moved one column: derived state indexed by column must follow
+    # Slots that gained exactly one token and its key. In the fast path this is every
+    # participating slot, in `slots` order.
+    appended: tuple[torch.Tensor, torch.Tensor] | None = None
     rewritten: torch.Tensor | None = None  # slots whose history was rewritten: rebuild derived state
     fast: bool = False
 
@@ -74,6 +89,15 @@ def grown(tensor: torch.Tensor, shape: tuple[int, ...], fill: float | int = 0) -
     return out
 
 
+def moved(tensor: torch.Tensor, shape: tuple[int, int], src: int, dst: int, count: int,
+          fill: float | int = 0) -> torch.Tensor:  # fmt: skip
+    """A [slots, columns] copy of ``tensor`` of ``shape`` where columns ``src:src+count`` land at ``dst``."""
+    out = torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)
+    if count > 0:
+        out[: tensor.shape[0], dst : dst + count] = tensor[:, src : src + count]
+    return out
+
+
 def scatter_min(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> None:
     """``logits[rows[i], tokens[i, j]] = min(itself, values[i, j])`` for every i, j in one op.
 
@@ -90,7 +114,7 @@ def scatter_min(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, 
 
 
 class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
-    """Base of the batched processors: slots, the device token history and the per-step sync.
+    """Base of the batched processors: slots, the aligned device history and the per-step sync.
 
     Subclasses say which settings they read (``parse``), which prompt tokens they keep
     (``kept_prompt``), how a token is stored (``encode``), write per-slot settings for new
@@ -100,11 +124,12 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         super().__init__(vllm_config, device, is_pin_memory)
         self.max_rows, self.max_len = limits_of(vllm_config)
-        # Allocated on first use and grown by doubling up to the limits, so an engine where nobody
-        # uses the processor holds no memory and one that does holds what its batch needs.
-        self.history = torch.zeros((0, 0), dtype=torch.int64, device=self.device)
-        self.length = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.distances = torch.zeros(0, dtype=torch.int64, device=self.device)  # 1, 2, … up to the length cap
+        # Allocated on first use and grown by doubling, so an engine where nobody uses the
+        # processor holds no memory and one that does holds what its batch needs.
+        self.history = torch.full((0, 0), EMPTY, dtype=torch.int32, device=self.device)
+        self.index = torch.zeros((0, 0), dtype=torch.int64, device=self.device)
+        self.alive = torch.zeros((0, 0), dtype=torch.float32, device=self.device)
+        self.now = 0
         self._free_slots: list[int] = []
         self._next_slot = 0
         # Per participating row, in layout order, valid while the layout is unchanged.
@@ -113,9 +138,7 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self._consumed: list[int] = []
         self._last: list[int] = []
         self._expect: list[int] = []
-        self._rows_t = self._slots_t = self.length
-        self._slot_base: torch.Tensor | None = None
-        self._slot_base_width = 0
+        self._rows_t = self._slots_t = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.count = 0
         self.slots_contiguous = self.rows_contiguous = False
         self._longest = 0
@@ -131,9 +154,10 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         """The prompt tokens that belong in the history (all by default)."""
         return prompt
 
-    def encode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The value stored for each token (the token itself by default)."""
-        return tokens
+    def encode(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The int32 key stored for each token: the id, or ``OUTSIDE_BASE - k`` for id vocab + k
+        (a client's tokenizer: such ids still match each other, but have no logit)."""
+        return outside_keys(tokens, self.vocab_size)
 
     @abstractmethod
     def configure(self, rows: list[SlotRow]) -> None:
@@ -143,8 +167,9 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         """Undo what ``configure`` acquired for the row (shared sets)."""
         return None
 
-    def resize_state(self, slots: int, length: int) -> None:
-        """Grow the subclass's per-slot tensors to ``slots`` rows (and ``length`` columns)."""
+    def resize_state(self, slots: int, columns: int, src: int, dst: int, count: int) -> None:
+        """Reshape the subclass's per-slot state to ``slots`` rows (and ``columns`` columns, where
+        columns ``src:src+count`` move to ``dst``); see ``moved``."""
         return None
 
     @abstractmethod
@@ -188,29 +213,76 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
             self.penalize(logits, step)
         return logits
 
+    # ---- views of the participating rows --------------------------------------------------------
+
+    def per_slot(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The participating slots' rows of a per-slot tensor, in layout order (a view when contiguous)."""
+        return tensor[: self.count] if self.slots_contiguous else tensor.index_select(0, self._slots_t)
+
+    def window(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``tensor[slot_i, start:stop]`` for the participating slots (a view when contiguous)."""
+        if self.slots_contiguous:
+            return tensor[: self.count, start:stop]
+        return tensor[self._slots_t, start:stop]
+
+    def targets(self, logits: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits column, alive) of the participating rows' cells ``start:stop``.
+
+        The columns are copied contiguous: gathers and scatters with a strided index are ~3x slower
+        on CPU. Logits narrower than the vocabulary (rare): ids past them have nothing to lower.
+        """
+        tokens, alive = self.window(self.index, start, stop).contiguous(), self.window(self.alive, start, stop)
+        width = logits.shape[-1]
+        if width >= self.vocab_size:
+            return tokens, alive
+        return tokens.clamp(max=width - 1), alive * (tokens < width)
+
+    def read_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``logits[row_i, tokens[i, j]]`` for the participating rows."""
+        if self.rows_contiguous:
+            return logits[: self.count].gather(1, tokens)
+        return logits[self._rows_t.unsqueeze(1), tokens]
+
+    def lower_logits(self, logits: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> None:
+        """``logits[row_i, tokens[i, j]] = min(itself, values[i, j])`` in one op (see ``scatter_min``)."""
+        if self.rows_contiguous:
+            logits[: self.count].scatter_reduce_(1, tokens, values, "amin")
+        else:
+            scatter_min(logits, self._rows_t, tokens, values)
+
     # ---- the per-step sync ----------------------------------------------------------------------
 
     def _fast_step(self) -> Step | None:
         """Every row gained exactly one settled token and nothing before it changed: C-level list passes."""
         outputs = self._outputs
         lengths = list(map(len, outputs))
-        if lengths != self._expect:
+        if lengths != self._expect or self.now + 1 >= self.history.shape[1]:
             return None
         newest = list(map(_LAST, outputs))
         if min(newest) < 0 or list(map(_BEFORE_LAST, outputs)) != self._last:
             return None
-        self._ensure(self._next_slot, self._longest + 1)
-        tokens = self.host_to_device(newest, torch.int64)
+        self.now += 1
         slots = self._slots_t
-        positions = self.length.index_select(0, slots)
-        keys = self.encode(tokens, slots, positions)
-        self.history[slots, positions] = keys
-        self.length[slots] = positions + 1
+        keys = self.encode(self.host_to_device(newest, torch.int64), slots)
+        self._put_column(keys)
         self._consumed = lengths
         self._last = newest
         self._expect = [n + 1 for n in lengths]
         self._longest += 1
-        return Step(self._rows_t, slots, self._longest, (slots, keys, positions), None, fast=True)
+        return Step(self._rows_t, slots, self._longest, self.now, True, (slots, keys), None, fast=True)
+
+    def _put_column(self, keys: torch.Tensor) -> None:
+        now, index = self.now, keys.clamp(min=0).long()
+        alive = (keys >= 0).float()
+        if self.slots_contiguous:
+            self.history[: self.count, now] = keys
+            self.index[: self.count, now] = index
+            self.alive[: self.count, now] = alive
+        else:
+            slots = self._slots_t
+            self.history[slots, now] = keys
+            self.index[slots, now] = index
+            self.alive[slots, now] = alive
 
     def _relayout(self) -> None:
         # Slot order; when the slots (and rows) are exactly 0..n-1, as in a batch without churn,
@@ -227,138 +299,124 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self._last = [row.last for row in self.active]
         both = self.host_to_device(rows + slots, torch.int64)
         self._rows_t, self._slots_t = both[: self.count], both[self.count :]
-        self._slot_base = None
         self.layout_changed = False
         self.layout_version += 1
 
-    def per_slot(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The participating slots' rows of a per-slot tensor, in layout order (a view when contiguous)."""
-        return tensor[: self.count] if self.slots_contiguous else tensor.index_select(0, self._slots_t)
-
-    def slot_block(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
-        """``tensor[slot_i, :width]`` for the participating slots (a view when contiguous)."""
-        if self.slots_contiguous:
-            return tensor[: self.count, :width]
-        return tensor[self._slots_t, :width]
-
-    def write_per_slot(self, tensor: torch.Tensor, width: int, values: torch.Tensor) -> None:
-        """``tensor[slot_i, :width] = values[i]`` for the participating slots."""
-        if self.slots_contiguous:
-            tensor[: self.count, :width] = values
-        else:
-            tensor[self._slots_t, :width] = values
-
-    def read_history(self, positions: torch.Tensor) -> torch.Tensor:
-        """``history[slot_i, positions[i, j]]`` for the participating slots; positions must be >= 0."""
-        if self.slots_contiguous:
-            return self.history[: self.count].gather(1, positions)
-        if self._slot_base is None or self._slot_base_width != self.history.shape[1]:
-            self._slot_base_width = self.history.shape[1]
-            self._slot_base = (self._slots_t * self._slot_base_width).unsqueeze(1)
-        return self.history.view(-1).take(positions + self._slot_base)
-
-    def read_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``logits[row_i, tokens[i, j]]`` for the participating rows."""
-        if self.rows_contiguous:
-            return logits[: self.count].gather(1, tokens)
-        return logits[self._rows_t.unsqueeze(1), tokens]
-
-    def lower_logits(self, logits: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> None:
-        """``logits[row_i, tokens[i, j]] = min(itself, values[i, j])`` in one op.
-
-        Every Governor processor only ever lowers a logit, and a token listed twice in a row gets the
-        same value each time (or +inf where the cell is not meant to change), so min is exact and
-        independent of order, on every device.
-        """
-        if self.rows_contiguous:
-            logits[: self.count].scatter_reduce_(1, tokens, values, "amin")
-        else:
-            scatter_min(logits, self._rows_t, tokens, values)
-
     def _general_step(self) -> Step:
-        """Any mix of new rows, appends, drops and placeholders: rewrite what changed, per row on the host."""
+        """Any mix of new rows, appends, drops and placeholders: rows that gained one token are
+        appended, the rest are rewritten whole, right-aligned at the new ``now``."""
         if self.layout_changed:
             self._relayout()
         fresh = [row for row in self.active if row.fresh]
         if fresh:
             self._ensure(self._next_slot, 0)
             self.configure(fresh)
-        tokens: list[int] = []
-        seg_slot: list[int] = []
-        seg_start: list[int] = []
-        seg_count: list[int] = []
-        one: list[int] = []
-        rewritten: list[int] = []
+        one_slots: list[int] = []
+        one_tokens: list[int] = []
+        stay: list[tuple[SlotRow, int]] = []
+        rewrite: list[tuple[SlotRow, int]] = []
         longest = 0
         for i, row in enumerate(self.active):
             output = row.output
             n = settled_length(output)
             consumed = self._consumed[i]
-            base = len(row.prompt)
-            reset = True
-            if row.fresh:
-                start, new = 0, row.prompt + output[:n]
-            elif n < consumed or (consumed and output[consumed - 1] != self._last[i]):
-                start, new = base, output[:n]  # dropped or regenerated: rewrite the whole output
+            if row.fresh or n < consumed or (consumed and output[consumed - 1] != self._last[i]):
+                rewrite.append((row, n))  # new, or tokens dropped or regenerated
+            elif n == consumed + 1:
+                one_slots.append(row.slot)
+                one_tokens.append(output[n - 1])
+            elif n == consumed:
+                stay.append((row, n))
             else:
-                start, new, reset = base + consumed, output[consumed:n], False
-            if reset or len(new) > 1:
-                rewritten.append(row.slot)
-            elif new:
-                one.append(row.slot)
-            if reset or new:
-                tokens += new
-                seg_slot.append(row.slot)
-                seg_start.append(start)
-                seg_count.append(len(new))
+                rewrite.append((row, n))
             row.fresh = False
             self._consumed[i] = n
             self._last[i] = output[n - 1] if n else -1
-            longest = max(longest, base + n)
+            longest = max(longest, len(row.prompt) + n)
+        advanced = bool(one_slots)
+        if advanced:
+            rewrite += stay  # their newest token must move to the new column too
         self._expect = [n + 1 if n else -1 for n in self._consumed]
         self._longest = longest
-        self._ensure(self._next_slot, longest)
-        step = Step(self._rows_t, self._slots_t, longest)
-        if seg_slot:
-            sizes = [len(tokens), len(seg_slot), len(seg_slot), len(seg_slot), len(one), len(rewritten)]
-            flat = self.host_to_device(tokens + seg_slot + seg_start + seg_count + one + rewritten, torch.int64)
-            new_t, slot_t, start_t, count_t, one_t, rewritten_t = flat.split(sizes)
-            self._write(new_t, slot_t, start_t, count_t, len(tokens))
-            if one:
-                positions = self.length[one_t] - 1
-                step.appended = (one_t, self.history[one_t, positions].long(), positions)
-            step.rewritten = rewritten_t if rewritten else None
+        # One column left of every row stays EMPTY, so "the column before the window" always exists.
+        now = self.now + advanced
+        if now < longest + 1 or now >= self.history.shape[1] or self.history.shape[0] < self._next_slot:
+            now = self._realign(longest, advanced)
+        self.now = now
+        step = Step(self._rows_t, self._slots_t, longest, now, advanced)
+        if one_slots:
+            flat = self.host_to_device(one_slots + one_tokens, torch.int64)
+            slots, tokens = flat[: len(one_slots)], flat[len(one_slots) :]
+            keys = self.encode(tokens, slots)
+            self.history[slots, now] = keys
+            self.index[slots, now] = keys.clamp(min=0).long()
+            self.alive[slots, now] = (keys >= 0).float()
+            step.appended = (slots, keys)
+        if rewrite:
+            step.rewritten = self._rewrite(rewrite, now)
         return step
 
-    def _write(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-               total: int) -> None:  # fmt: skip
-        """history[slot, start + k] = encode(token) for each segment, and each slot's new length."""
-        if total:
-            # Which segment each token belongs to (searchsorted: repeat_interleave is slow on CPU).
-            ends = torch.cumsum(counts, 0)
-            index = torch.arange(total, device=self.device)
-            segment = torch.searchsorted(ends, index, right=True)
-            token_slot = slots[segment]
-            positions = starts[segment] + index - (ends - counts)[segment]
-            keys = self.encode(tokens, token_slot, positions)
-            self.history[token_slot, positions] = keys
-        self.length[slots] = starts + counts
+    def _rewrite(self, rows: list[tuple[SlotRow, int]], now: int) -> torch.Tensor:
+        """Write each row's whole history (prompt + settled output), ending at column ``now``."""
+        tokens: list[int] = []
+        slots: list[int] = []
+        columns: list[int] = []
+        for row, n in rows:
+            new = row.prompt + row.output[:n]
+            tokens += new
+            slots += [row.slot] * len(new)
+            columns += range(now - len(new) + 1, now + 1)
+        which = [row.slot for row, _ in rows]
+        flat = self.host_to_device(which + tokens + slots + columns, torch.int64)
+        which_t, tokens_t, slots_t, columns_t = flat.split([len(which), len(tokens), len(tokens), len(tokens)])
+        self.history[which_t] = EMPTY
+        self.index[which_t] = 0
+        self.alive[which_t] = 0.0
+        if tokens:
+            keys = self.encode(tokens_t, slots_t)
+            self.history[slots_t, columns_t] = keys
+            self.index[slots_t, columns_t] = keys.clamp(min=0).long()
+            self.alive[slots_t, columns_t] = (keys >= 0).float()
+        return which_t
 
-    def _ensure(self, slots: int, length: int) -> None:
-        """Grow the history (and the subclass's state) to hold ``slots`` slots of ``length`` tokens."""
-        have_slots, have_length = self.history.shape
-        if slots <= have_slots and length <= have_length:
-            return
-        new_slots, new_length = have_slots, have_length
-        if slots > have_slots:
-            new_slots = max(slots, _MIN_SLOTS, 2 * have_slots)
-            if self.max_rows:
-                new_slots = max(slots, min(new_slots, self.max_rows))
-        if length > have_length:
-            new_length = max(length, _MIN_LENGTH, 2 * have_length)
-            if self.max_len:
-                new_length = max(length, min(new_length, self.max_len))
-        self.history = grown(self.history, (new_slots, new_length))
-        self.length = grown(self.length, (new_slots,))
-        self.distances = torch.arange(1, new_length + 2, dtype=torch.int64, device=self.device)
-        self.resize_state(new_slots, new_length)
+    def _realign(self, longest: int, advanced: bool) -> int:
+        """Move every row so that the column holding the newest token is ``longest + 1`` (before
+        this step's appends), growing the slots and columns as needed; returns the new ``now``."""
+        slots = self._ensure_slots(self._next_slot)
+        target = longest + 1
+        columns = max(self.history.shape[1], 2 * (target + 2), _MIN_COLUMNS)
+        count = min(self.now + 1, target + 1) if self.history.numel() else 0
+        src, dst = self.now - count + 1, target - count + 1
+        shape = (slots, columns)
+        self.history = moved(self.history, shape, src, dst, count, EMPTY)
+        self.index = moved(self.index, shape, src, dst, count, 0)
+        self.alive = moved(self.alive, shape, src, dst, count, 0.0)
+        self.resize_state(slots, columns, src, dst, count)
+        return target + advanced
+
+    def _ensure_slots(self, slots: int) -> int:
+        have = self.history.shape[0]
+        if slots <= have:
+            return have
+        new = max(slots, _MIN_SLOTS, 2 * have)
+        if self.max_rows:
+            new = max(slots, min(new, self.max_rows))
+        return new
+
+    def _ensure(self, slots: int, columns: int) -> None:
+        """Grow the slots (per-slot settings written by ``configure`` need their row)."""
+        if slots > self.history.shape[0]:
+            self._grow_rows(self._ensure_slots(slots))
+
+    def _grow_rows(self, slots: int) -> None:
+        columns = self.history.shape[1]
+        self.history = grown(self.history, (slots, columns), EMPTY)
+        self.index = grown(self.index, (slots, columns), 0)
+        self.alive = grown(self.alive, (slots, columns), 0.0)
+        self.resize_state(slots, columns, 0, 0, columns)
+
+
+def outside_keys(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token ids as int32 keys; ids past the vocabulary become ``OUTSIDE_BASE - (id - vocab)``."""
+    over = (tokens - vocab_size).clamp(min=-1, max=(1 << 31) + OUTSIDE_BASE - 1)
+    return torch.where(over >= 0, OUTSIDE_BASE - over, tokens).to(torch.int32)
