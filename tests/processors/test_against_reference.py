@@ -124,3 +124,35 @@ def test_batched_equals_reference_in_a_steady_batch(name: str, seed: int) -> Non
         sim.flush()
         sim.check(rule, rng, vocab)
     assert pair.steps == 90
+
+
+@given(name=st.sampled_from(sorted(CASES)), seed=st.integers(0, 2**31))
+@settings(max_examples=6, deadline=None, derandomize=True)
+def test_batched_equals_reference_over_long_outputs(name: str, seed: int) -> None:
+    # Long enough that the aligned history runs out of columns and is moved back left several
+    # times (rows finish and shorter ones replace them), with rows of different settings.
+    batched_cls, reference_cls, rule, make_args = CASES[name]
+    rng, vocab = random.Random(seed), 12
+    batched = make_processor(batched_cls, vocab)
+    pair = Lockstep(batched, make_processor(reference_cls, vocab))
+    sim = BatchSim(pair, batch_size=4)
+    requests: dict[int, Any] = {}
+    moves = 0
+    for step in range(400):
+        if step % 90 == 0:
+            for index in range(4):
+                if index in requests:
+                    sim.remove(index)
+                prompt = [next_token(rng, [], vocab) for _ in range(rng.randrange(1, 12))]
+                requests[index] = sim.add(index, make_args(vocab)(rng), prompt)
+        elif step % 90 == 45:  # one row replaced mid-way, by a request with a longer prompt
+            index = rng.randrange(4)
+            sim.remove(index)
+            requests[index] = sim.add(index, make_args(vocab)(rng), [next_token(rng, [], vocab) for _ in range(70)])
+        sim.flush()
+        before = batched.now
+        sim.check(rule, rng, vocab)
+        moves += batched.now < before
+        for request in requests.values():
+            request.output.append(next_token(rng, request.prompt + request.output, vocab))
+    assert pair.steps == 400 and moves >= 2

@@ -61,6 +61,7 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         self._seen_layout = -1
         self._widest = self._narrowest = _UNBOUNDED  # the largest and smallest range among the rows
         self._columns = torch.zeros(0, dtype=torch.int32, device=self.device)  # 0, 1, 2, …
+        self._bans = False  # some row's penalty overflows to inf
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -98,10 +99,15 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         breaker = self.sets.contains(self.breakers[slots], tokens)
         return torch.where(breaker, BREAK, outside_keys(tokens, self.vocab_size))
 
+    def encode_newest(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.sets.member(self.per_slot(self.breakers), tokens), BREAK, tokens.to(torch.int32))
+
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
             ranges = [row.config.range or _UNBOUNDED for row in self.active]
             self._widest, self._narrowest = max(ranges), min(ranges)
+            # The scale only grows with the length (base >= 1), so its last entry says if it bans.
+            self._bans = any(math.isinf(penalty_scale(row.config)[-1]) for row in self.active)
             self._seen_layout = self.layout_version
         # Earlier occurrences lie at distances 1..t, and within a range r only those below r.
         width = min(step.longest - 1, self._widest - 1)
@@ -118,7 +124,8 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         # The token after each earlier occurrence: the candidate that would extend the repeat.
         tokens, alive = self.targets(logits, now - width + 1, now + 1)
         penalty = self.per_slot(self.scale).gather(1, length.long()).mul_(alive)
-        # A ban (inf) times a dead cell (0) is nan: that cell has nothing to lower.
-        penalty.nan_to_num_(nan=0.0, posinf=math.inf)
+        if self._bans:
+            # A ban (inf) times a dead cell (0) is nan: that cell has nothing to lower.
+            penalty.nan_to_num_(nan=0.0, posinf=math.inf)
         lowered = self.read_logits(logits, tokens).sub_(penalty.to(logits.dtype))
         self.lower_logits(logits, tokens, lowered)

@@ -159,6 +159,11 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         (a client's tokenizer: such ids still match each other, but have no logit)."""
         return outside_keys(tokens, self.vocab_size)
 
+    def encode_newest(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``encode`` for the fast path: one token per participating slot, in layout order, every
+        id known to be inside the vocabulary (fewer ops: at 1,024 rows each costs ~10 us on CPU)."""
+        return tokens.to(torch.int32)
+
     @abstractmethod
     def configure(self, rows: list[SlotRow]) -> None:
         """Write the per-slot settings of requests that just got their slot."""
@@ -259,11 +264,11 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         if lengths != self._expect or self.now + 1 >= self.history.shape[1]:
             return None
         newest = list(map(_LAST, outputs))
-        if min(newest) < 0 or list(map(_BEFORE_LAST, outputs)) != self._last:
+        if min(newest) < 0 or max(newest) >= self.vocab_size or list(map(_BEFORE_LAST, outputs)) != self._last:
             return None
         self.now += 1
         slots = self._slots_t
-        keys = self.encode(self.host_to_device(newest, torch.int64), slots)
+        keys = self.encode_newest(self.host_to_device(newest, torch.int64))
         self._put_column(keys)
         self._consumed = lengths
         self._last = newest

@@ -48,3 +48,7 @@ class TokenSets:
         """Per element: is ``tokens[i]`` in set ``set_ids[i]``? Ids outside the table are in no set."""
         inside = (tokens >= 0) & (tokens < self.vocab_size)
         return self.table[set_ids, tokens.clamp(0, self.vocab_size - 1)] & inside
+
+    def member(self, set_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``contains`` for tokens known to lie inside the vocabulary."""
+        return self.table[set_ids, tokens]

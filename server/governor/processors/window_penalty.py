@@ -80,6 +80,9 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
         skipped = self.sets.contains(self.exempt[slots], tokens) | (tokens >= self.vocab_size)
         return torch.where(skipped, EMPTY, outside_keys(tokens, self.vocab_size))
 
+    def encode_newest(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.sets.member(self.per_slot(self.exempt), tokens), EMPTY, tokens.to(torch.int32))
+
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
             windows = [min(row.config.window or _UNBOUNDED, _UNBOUNDED) for row in self.active]
