@@ -242,3 +242,27 @@ async def test_loop_is_cut_however_reads_split_the_stream(how: str) -> None:
     assert events[-2]["usage"]["completion_tokens"] == relay.stats.completion_tokens > 0
     assert relay.stats.outcome == "loop" and events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-2])
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+@pytest.mark.parametrize("client_usage", [False, True])
+async def test_events_that_are_not_plain_anywhere_in_a_read_are_handled_one_by_one(
+    kind: str, client_usage: bool
+) -> None:
+    # usage-only chunks mid-stream and a finish reason before the end: a read holding them is cut into
+    # runs of plain events around them, whichever the read
+    events = chat_events(PROSE, usage_each=True) if kind == "chat" else completion_events(PROSE, usage_each=True)
+    body = orjson.loads(events[2][6:])
+    body["choices"] = []
+    usage_only = b"data: " + orjson.dumps(body) + b"\n\n"
+    body = orjson.loads(events[3][6:])
+    body["choices"][0]["finish_reason"] = "stop"
+    finished = b"data: " + orjson.dumps({**body, "choices": [{**body["choices"][0], "index": 0}]}) + b"\n\n"
+    events = [*events[:2], usage_only, *events[2:4], usage_only, usage_only, finished, *events[4:]]
+    results = []
+    for how in ("events", "whole", "bytes"):
+        relay = Relay(MemoryUpstream(rechunk(events, how)), kind=kind, n=1, loop=LoopConfig(),
+                      client_usage=client_usage, client_continuous=False)  # fmt: skip
+        results.append(await drain(relay))
+    assert results[0] == results[1] == results[2]
+    assert sum(1 for e in results[0] if e != "[DONE]" and not e["choices"]) == (4 if client_usage else 0)

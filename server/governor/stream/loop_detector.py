@@ -13,11 +13,14 @@ many more copies, as does a block that looks like code: both are often legitimat
 
 Checks run at fixed lite positions, so the decision does not depend on how the text was split
 into deltas. A check is a few C-speed string operations: the last ``_KEY_CHARS`` chars are looked
-up backwards with ``rfind`` for candidate periods, and runs are measured by slice compares.
+up backwards with ``rfind`` for candidate periods, and runs are measured by slice compares. A check
+that finds no earlier copy of its key rules out the next few checkpoints (see :func:`_quiet_chars`),
+which are skipped: in text that does not repeat, most checkpoints cost nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +45,7 @@ _NEVER, _MAX_BLOCK_CHARS = 1 << 62, 1024  # "no threshold"; longest block has_re
 
 _WS_SPLIT = re.compile(r"(\s+)")
 _DIGITS = re.compile(r"\d+")
+_DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
 _WORD = re.compile(r"[^\W\d_]{2}")
 _CODE = re.compile(r"[_()\[\]{}=;<>\\`]|[^\W\d]\.[^\W\d]")  # brackets, operators, obj.attr
@@ -111,6 +115,10 @@ class LoopDetector:
         self._recent: deque[tuple[str | None, int]] = deque(maxlen=config.near_repeat_window)
         self._lines = LineRepeats()  # blocks of lines back with words or numbers changed
         self._line_start = 0  # absolute lite position where the current line starts
+        # checkpoints up to these lite positions cannot fire: an exact / a number-varying check found no candidate
+        self._quiet_exact = self._quiet_varying = -1
+        self._quiet = _quiet_chars(config)
+        self._digit_end = -_NEVER  # absolute lite position just after the latest digit (none yet)
 
     @property
     def verdict(self) -> LoopVerdict | None:
@@ -166,7 +174,10 @@ class LoopDetector:
         start = base + len(self._lite)
         self._lite = lite = self._lite + piece
         end = start + len(piece)
-        checkpoint = start - start % _CHECK_STEP + _CHECK_STEP
+        digit = _DIGIT.search(piece[::-1])
+        if digit is not None:
+            self._digit_end = end - digit.start()
+        checkpoint = self._next_checkpoint(start)
         m = _EVENTS.search(lite, self._scan_from - base)
         while m is not None or checkpoint <= end:
             if m is not None and (checkpoint > end or base + m.end() <= checkpoint):
@@ -185,12 +196,13 @@ class LoopDetector:
                 m = _EVENTS.search(lite, m.end())
             else:
                 self._check(checkpoint)
-                checkpoint += _CHECK_STEP
+                checkpoint = self._next_checkpoint(checkpoint)
             if self._verdict is not None:
                 return
         self._scan_from = max(self._scan_from, end - 2)  # an event may straddle the next piece
         cap = self._cfg.buffer_chars
         if len(lite) > cap + _TRIM_SLACK:
+            self._sync_norm(end)  # norm is built from lite: before lite lets go of the text
             # every later look-back starts at or after ``end`` and reaches at most cap chars back
             self._lite = lite[len(lite) - cap :]
             self._lite_base = end - cap
@@ -230,30 +242,60 @@ class LoopDetector:
             self._verdict = LoopVerdict("near_repeat", found.chars, found.copies)
             self._cut = ("lite", found.cut)
 
+    def _exact_ruled_out(self, at: int) -> bool:
+        return at <= self._quiet_exact
+
+    def _varying_ruled_out(self, at: int) -> bool:
+        # or no digit in the last max_period lite chars: then norm's window below holds no number
+        return at <= self._quiet_varying or self._digit_end <= at - self._cfg.max_period_chars
+
+    def _next_checkpoint(self, after: int) -> int:
+        """The first checkpoint past lite position ``after`` whose check is not ruled out."""
+        at = after - after % _CHECK_STEP + _CHECK_STEP
+        if not self._exact_ruled_out(at):
+            return at
+        exact = self._quiet_exact - self._quiet_exact % _CHECK_STEP + _CHECK_STEP
+        varying = max(at, self._quiet_varying + 1)
+        varying += -varying % _VARYING_STEP
+        # without a new digit (a piece brings its digits before its checks), later ones are ruled out too
+        return exact if self._varying_ruled_out(varying) else min(exact, varying)
+
     def _check(self, at: int) -> None:
-        """Periodicity checks on the text up to absolute lite position ``at``."""
+        """Periodicity checks on the text up to absolute lite position ``at`` (those not ruled out)."""
         cfg = self._cfg
         end = at - self._lite_base
-        run = _find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs,
-                        floor=self._prose_needs)  # fmt: skip
-        if run is not None:
-            self._fire(run, "lite", self._lite, end, self._lite_base)
-            return
-        if at % _VARYING_STEP:
+        if not self._exact_ruled_out(at) and end > _KEY_CHARS:
+            first = _nearest_key_copy(self._lite, end, cfg.max_period_chars)
+            if first < 0:
+                self._quiet_exact = at + self._quiet[0]
+            else:
+                run = _find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs,
+                                floor=self._prose_needs, first=first)  # fmt: skip
+                if run is not None:
+                    self._fire(run, "lite", self._lite, end, self._lite_base)
+                    return
+        if at % _VARYING_STEP or self._varying_ruled_out(at):
             return
         self._sync_norm(at)
         norm = self._norm
         recent = norm[-cfg.max_period_chars :]
         # cheap gate (a regex letter scan is slow): a number, and a letter (cased, or not ASCII)
-        if _PLACEHOLDER in recent and (recent.upper() != recent or not recent.isascii()):
+        if len(norm) > _KEY_CHARS and _PLACEHOLDER in recent and (recent.upper() != recent or not recent.isascii()):
+            first = _nearest_key_copy(norm, len(norm), cfg.max_period_chars)
+            if first < 0:
+                # norm grows no faster than lite, so lite positions bound the norm chars in between
+                self._quiet_varying = at + self._quiet[1]
+                return
             run = _find_run(norm, len(norm), cfg.max_period_chars, cfg.buffer_chars, self._varying_needs,
-                            floor=self._template_needs)  # fmt: skip
+                            floor=self._template_needs, first=first)  # fmt: skip
             if run is not None:
                 self._fire(run, "norm", norm, len(norm), self._norm_base)
 
     def _sync_norm(self, at: int) -> None:
         """Extend norm with the lite text up to absolute position ``at``."""
         seg = self._lite[self._norm_upto - self._lite_base : at - self._lite_base]
+        if not seg:
+            return
         norm = _DIGITS.sub(_PLACEHOLDER, seg)
         if self._norm_digit and seg[0].isdecimal():
             norm = norm[1:]  # the digit run goes on: its placeholder is already there
@@ -276,12 +318,10 @@ class LoopDetector:
 
     def _prose_needs(self, period: int) -> int:
         """The threshold for prose, the lowest of all: a lower bound that needs no look at the block."""
-        if period >= self._cfg.min_sentence_chars:
-            return 2 * period + min(_SENTENCE_CONFIRM_CHARS, period - 1)
-        return max(self._cfg.phrase_span_chars, 3 * period)
+        return _prose_needs(self._cfg, period)
 
     def _template_needs(self, period: int) -> int:
-        return max(self._cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
+        return _template_needs(self._cfg, period)
 
     def _varying_needs(self, block: str, period: int) -> int:
         """The run length for a block that repeats only once numbers are normalised."""
@@ -295,9 +335,42 @@ class LoopDetector:
         self._cut = (stream, base + _first_copy_end(buf, end - span, period))
 
 
+def _prose_needs(cfg: LoopConfig, period: int) -> int:
+    if period >= cfg.min_sentence_chars:
+        return 2 * period + min(_SENTENCE_CONFIRM_CHARS, period - 1)
+    return max(cfg.phrase_span_chars, 3 * period)
+
+
+def _template_needs(cfg: LoopConfig, period: int) -> int:
+    return max(cfg.phrase_span_chars, _TEMPLATE_MIN_COPIES * period)
+
+
+@functools.lru_cache(maxsize=256)
+def _quiet_chars(cfg: LoopConfig) -> tuple[int, int]:
+    """How many chars past a check that found no earlier copy of its key the next checks cannot fire:
+    (exact checks, number-varying checks).
+
+    _find_run fires for a period only on a run of at least floor(period) chars, whose last
+    floor(period) - period chars (never fewer than the key) equal the chars one period before them.
+    A checkpoint at most that length minus _KEY_CHARS before the run's end has its whole key inside
+    that stretch, so it would have found the key one period back. Conversely, once a check finds no
+    copy, every checkpoint up to the smallest such length minus _KEY_CHARS later cannot fire and is
+    skipped: the decisions, and where they are taken, stay those of checking every checkpoint.
+    """
+    periods = range(1, cfg.max_period_chars + 1)
+    exact = min(max(_KEY_CHARS, _prose_needs(cfg, p) - p) for p in periods)
+    varying = min(max(_KEY_CHARS, _template_needs(cfg, p) - p) for p in periods)
+    return exact - _KEY_CHARS, varying - _KEY_CHARS
+
+
+def _nearest_key_copy(buf: str, end: int, max_period: int, key: int = _KEY_CHARS) -> int:
+    """Where _find_run's first candidate starts: the nearest earlier copy of the key ending at ``end``, else -1."""
+    return buf.rfind(buf[end - key : end], max(0, end - key - max_period), end - 1)
+
+
 def _find_run(
     buf: str, end: int, max_period: int, history: int, needs: _Needs, key: int = _KEY_CHARS, tries: int = 8,
-    floor: Callable[[int], int] | None = None,
+    floor: Callable[[int], int] | None = None, first: int | None = None,
 ) -> tuple[int, int] | None:  # fmt: skip
     """The (period, span) of a periodic run ending at ``buf[end]`` that meets ``needs``, else None.
 
@@ -307,14 +380,15 @@ def _find_run(
     measured over at most ``history`` chars, so they do not depend on when the buffer was trimmed.
     ``floor(period)``, a lower bound of ``needs`` for any block, lets a short run be dismissed
     before ``needs`` looks at the block (most candidates in ordinary text are a few shared words).
+    ``first``: the nearest candidate (:func:`_nearest_key_copy`) when the caller has looked it up.
     """
     if end <= key:
         return None
     tail = buf[end - key : end]
     lo = max(0, end - key - max_period)
     hi = end - 1
-    for _ in range(tries):
-        q = buf.rfind(tail, lo, hi)
+    for attempt in range(tries):
+        q = first if attempt == 0 and first is not None else buf.rfind(tail, lo, hi)
         if q < 0:
             return None
         period = end - key - q

@@ -31,6 +31,7 @@ from governor.stream.loop_detector import LoopConfig, LoopDetector, trim_to_firs
 from governor.stream.sse import (
     DONE,
     ERROR_KEY,
+    NEXT_EVENT,
     SEP,
     EventSplitter,
     done_at,
@@ -50,8 +51,6 @@ _VLLM_REPETITION = b"repetition_detected"
 _USAGE = b'"usage":{'
 _USAGE_FIELD = b',"usage":{'
 _FINISH_NULL = b'"finish_reason":null'
-_FINISH_SET = b'"finish_reason":"'
-_NO_CHOICES = b'"choices":[]'
 _OBJECT_END = b"}}" + SEP
 # Why a stream failed, the `reason` label of governor_stream_errors_total (a fixed set: bounded).
 REASONS = ("upstream_error", "engine_unavailable", "deadline", "bad_event", "internal")
@@ -112,10 +111,10 @@ class Relay:
 
     # -- upstream events -------------------------------------------------------------------------------
 
-    async def _blocks(self) -> AsyncIterator[bytes]:
-        """Upstream events, one block (`data: …\\n\\n` each) per network read, until [DONE]; a stream
-        that ends without it is an error. Working per read (many events under load) on whole blocks
-        with C-speed bytes operations keeps the per-event cost near zero."""
+    async def _blocks(self) -> AsyncIterator[tuple[bytes, int]]:
+        """Upstream events, one block (`data: …\\n\\n` each) per network read, until [DONE], with the
+        number of events in it; a stream that ends without [DONE] is an error. Working per read (many
+        events under load) on whole blocks with C-speed bytes operations keeps the per-event cost near zero."""
         splitter = EventSplitter()
         chunks = self.upstream.chunks()
         try:
@@ -127,23 +126,26 @@ class Relay:
                 block = splitter.feed_block(chunk)
                 if not block:
                     continue
+                count = splitter.events
                 end = done_at(block)
                 events = block if end < 0 else block[:end]
+                if end >= 0:
+                    count -= 1 + block.count(NEXT_EVENT, end)  # [DONE] and whatever came after it
                 # vLLM's error event `{"error": {...}}` comes last: a block that ends like it gets one look at its
                 # last event, never a scan of the whole block (chunks without usage end in `]}`: no look at all)
                 if events.endswith(_OBJECT_END) and events.find(ERROR_KEY, events.rfind(SEP, 0, -2) + 1) >= 0:
                     events, error = tail_error(events)
                     if error is not None:
                         if events:
-                            yield events  # the events before the error still reach the client
+                            yield events, count - 1  # the events before the error still reach the client
                         self.stats.error = "upstream_error"
                         raise error
                 if end >= 0:
                     if events:
-                        yield events
+                        yield events, count
                     await _read_to_end(chunks)
                     return
-                yield block
+                yield block, count
         except TimeoutError as exc:
             raise DeadlineExceeded("Request deadline exceeded; generation was stopped.") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -253,12 +255,12 @@ class Relay:
         return error
 
     async def _payloads(self) -> AsyncIterator[bytes]:
-        async for block in self._blocks():
+        async for block, _ in self._blocks():
             for payload in payloads(block):
                 yield payload
 
     async def _stream_fast(self) -> AsyncIterator[bytes]:
-        async for block in self._blocks():
+        async for block, _ in self._blocks():
             cut = _event_start(block, _USAGE, _VLLM_REPETITION)
             if cut == len(block):
                 yield block  # a byte relay
@@ -279,8 +281,8 @@ class Relay:
         yield DONE
 
     async def _stream_checked(self) -> AsyncIterator[bytes]:
-        async for block in self._blocks():
-            out, looping = self._checked_block(block) if self.n == 1 else self._parsed_block(block)
+        async for block, count in self._blocks():
+            out, looping = self._checked_block(block, count) if self.n == 1 else self._parsed_block(block)
             for index in looping:
                 out.append(event(self._cut(index, self._head)))
             if looping and len(self._finished) >= self.n:
@@ -293,23 +295,25 @@ class Relay:
                 yield b"".join(out)
         yield DONE
 
-    def _checked_block(self, block: bytes) -> tuple[list[bytes], list[int]]:
-        """One choice: runs of plain events in bulk, the others (first, last, usage) one by one."""
+    def _checked_block(self, block: bytes, count: int) -> tuple[list[bytes], list[int]]:
+        """One choice: runs of plain events in bulk, the others (first, last, usage) one by one; ``count``
+        events in the block."""
         out: list[bytes] = []
         while block:
-            cut = _plain_prefix(block) if self._head else 0
+            cut, plain = _plain_prefix(block, count) if self._head else (0, 0)
             if cut:
-                plain, text = self._plain_block(block[:cut])
-                out.append(plain)
+                sent, text = self._plain_block(block if cut == len(block) else block[:cut])
+                out.append(sent)
                 if text and self._detector(0).feed(text) is not None:
                     return out, [0]
             else:
-                cut = block.find(SEP) + 2
+                cut, plain = block.find(SEP) + 2, 1
                 events, looping = self._parsed_block(block[:cut])
                 out += events
                 if looping:
                     return out, looping
             block = block[cut:]
+            count -= plain
         return out, []
 
     def _plain_block(self, block: bytes) -> tuple[bytes, str]:
@@ -389,20 +393,29 @@ class Relay:
         return assembler.result()
 
 
-def _plain_prefix(block: bytes) -> int:
-    """Length of the leading run of plain events (one choice, mid-generation) in a block."""
-    if block.count(SEP) == block.count(_FINISH_NULL):
-        return len(block)
-    # usually the last events: a finish reason, then the usage-only chunk
-    start = _event_start(block, _FINISH_SET, _NO_CHOICES)
-    if block.count(SEP, 0, start) == block.count(_FINISH_NULL, 0, start):
-        return start
-    start = 0
+def _plain_prefix(block: bytes, count: int) -> tuple[int, int]:
+    """The leading run of plain events (one choice, mid-generation) in a block of ``count`` events:
+    (its length in bytes, its events). A plain event holds `"finish_reason":null` once."""
+    others = count - block.count(_FINISH_NULL)
+    if others == 0:
+        return len(block), count
+    if others > 0:
+        # usually the last events (a finish reason, then the usage-only chunk): if the last ``others``
+        # events are not plain, every event before them is
+        start = len(block)
+        for _ in range(others):
+            end, at = start, block.rfind(SEP, 0, start - 2)
+            start = at + 2 if at >= 0 else 0
+            if block.find(_FINISH_NULL, start, end) >= 0:
+                break
+        else:
+            return start, count - others
+    start = plain = 0
     while True:
         end = block.find(SEP, start) + 2
         if block.find(_FINISH_NULL, start, end) < 0:
-            return start
-        start = end
+            return start, plain
+        start, plain = end, plain + 1
 
 
 def _event_start(block: bytes, *markers: bytes) -> int:

@@ -10,28 +10,32 @@ from governor.errors import EngineUnavailable, GovernorError, error_body, from_s
 
 DONE = b"data: [DONE]\n\n"
 SEP = b"\n\n"  # ends every event
-_NEXT = b"\n\ndata: "
+NEXT_EVENT = b"\n\ndata: "
 
 
 class EventSplitter:
     """Turns arbitrary byte chunks into complete SSE events."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "events")
 
     def __init__(self) -> None:
         self._buf = b""
+        self.events = 0  # events in the block feed_block returned last
 
     def feed_block(self, chunk: bytes) -> bytes:
         """The events completed by ``chunk``, as one block in vLLM's shape: `data: <payload>\n\n` each.
-        A JSON payload holds no raw newline, so counting newlines proves the shape without a split."""
+        A JSON payload holds no raw newline, so counting newlines proves the shape without a split: each
+        `\n\ndata: ` holds two and the final `\n\n` two more; any other newline breaks the equality."""
         buf = self._buf + chunk if self._buf else chunk
         cut = buf.rfind(SEP)
         if cut < 0:
             self._buf = buf
+            self.events = 0
             return b""
         block, self._buf = buf[: cut + 2], buf[cut + 2 :]
-        seps = block.count(SEP)
-        if block[:6] == b"data: " and block.count(b"\n") == 2 * seps and block.count(_NEXT) == seps - 1:
+        nexts = block.count(NEXT_EVENT)
+        if block[:6] == b"data: " and block.count(b"\n") == 2 * nexts + 2:
+            self.events = nexts + 1
             return block
         # tolerate CRLF, `data:` without the space, several lines and comment lines anyway
         out = []
@@ -40,6 +44,7 @@ class EventSplitter:
                 line = line.rstrip(b"\r")
                 if line.startswith(b"data:"):
                     out.append(raw_event(line[6:] if line[5:6] == b" " else line[5:]))
+        self.events = len(out)
         return b"".join(out)
 
     def feed(self, chunk: bytes) -> list[bytes]:
