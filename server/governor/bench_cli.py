@@ -106,6 +106,8 @@ def register_processors(bench_app: typer.Typer) -> None:
         only: list[str] = typer.Option([], help="Synthetic: dry, ngram, window_penalty, balanced, strict."),
         reference: bool = typer.Option(False, help="Synthetic: time the slow per-row reference processors."),
         threads: int = typer.Option(1, min=0, help="Synthetic: torch CPU threads (0: torch's default)."),
+        scaling_only: bool = typer.Option(False, help="Synthetic: only the python_scaling shapes (seconds)."),
+        scaling_reps: int = typer.Option(3, min=1, help="Synthetic: interleaved (8, 1024) pairs for python_scaling."),
     ) -> None:
         """Throughput with the anti-loop processors active / plain, and loaded-but-unused / absent;
         --synthetic: per-step milliseconds and python_scaling without an engine."""
@@ -119,7 +121,8 @@ def register_processors(bench_app: typer.Typer) -> None:
 
             name = device or ("cuda" if torch.cuda.is_available() else "cpu")
             impl = "reference" if reference else ""
-            lines = synth.run(settings, name, batch, prompt_tokens, output_tokens, steps, only, impl, threads)
+            lines = synth.run(settings, name, batch, prompt_tokens, output_tokens, steps, only, impl, threads,
+                              scaling_only, scaling_reps)  # fmt: skip
             for line in lines:
                 typer.echo(line)
             return
