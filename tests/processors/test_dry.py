@@ -140,3 +140,10 @@ def test_long_repeat_is_capped() -> None:
     logits = torch.zeros(1, VOCAB)
     sim.processor.apply(logits)
     assert logits[0, 3].item() == pytest.approx(-(1.1**48), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_matches_reference_with_a_model_sized_vocabulary(seed: int) -> None:
+    # Wide logits take the CPU path that points penalty-free cells at column 0.
+    vocab = 5000
+    random_session(make_processor(DRYLogitsProcessor, vocab), dry_reference, random_dry_args, seed, vocab=vocab)

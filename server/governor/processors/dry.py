@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # implementations use the same cap.
 MAX_MATCH_LENGTH = 50
 _UNBOUNDED = 1 << 30
+_SCATTERED_VOCAB = 4096  # logits rows wider than the CPU caches hold comfortably
 
 
 def penalty_scale(config: DRYConfig) -> list[float]:
@@ -127,5 +128,10 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         if self._bans:
             # A ban (inf) times a dead cell (0) is nan: that cell has nothing to lower.
             penalty.nan_to_num_(nan=0.0, posinf=math.inf)
+        if self.device.type == "cpu" and logits.shape[-1] >= _SCATTERED_VOCAB:
+            # Almost every cell has no penalty: pointing those at column 0 keeps the gather and the
+            # scatter in cache (1k rows x 2k context x 49k vocab: ~2x faster). Not on a GPU, where
+            # thousands of atomics on one address per row would serialise.
+            tokens = tokens * (penalty > 0)  # not in place: a one-row window is a view of the plane
         lowered = self.read_logits(logits, tokens).sub_(penalty.to(logits.dtype))
         self.lower_logits(logits, tokens, lowered)

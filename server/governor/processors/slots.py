@@ -234,7 +234,8 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         """(logits column, alive) of the participating rows' cells ``start:stop``.
 
         The columns are copied contiguous: gathers and scatters with a strided index are ~3x slower
-        on CPU. Logits narrower than the vocabulary (rare): ids past them have nothing to lower.
+        on CPU. Where the window already was contiguous they are views: never write to them.
+        Logits narrower than the vocabulary (rare): ids past them have nothing to lower.
         """
         tokens, alive = self.window(self.index, start, stop).contiguous(), self.window(self.alive, start, stop)
         width = logits.shape[-1]
