@@ -12,7 +12,7 @@ one ``"\\n"`` (it held a newline) or ``" "``; digits kept, so a count "1, 2, 3" 
 many more copies, as does a block that looks like code: both are often legitimate templates.
 
 Checks run at fixed lite positions, so the decision does not depend on how the text was split
-into deltas. A check is a few C-speed string operations: the last ``_KEY_CHARS`` chars are looked
+into deltas. A check is a few C-speed string operations: the last ``KEY_CHARS`` chars are looked
 up backwards with ``rfind`` for candidate periods, and runs are measured by slice compares. A check
 that finds no earlier copy of its key rules out the next few checkpoints (see :func:`_quiet_chars`),
 which are skipped: in text that does not repeat, most checkpoints cost nothing.
@@ -23,16 +23,15 @@ from __future__ import annotations
 import functools
 import re
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from governor.stream.line_repeats import LineRepeats
+from governor.stream.periodic_runs import KEY_CHARS, NEVER, find_run, has_repeated_block, nearest_key_copy
 
 __all__ = ["LoopConfig", "LoopDetector", "LoopVerdict", "has_repeated_block", "trim_to_first_copy"]
 
 _CHECK_STEP = 8  # lite chars between two exact-repetition checks
 _VARYING_STEP = 32  # lite chars between two number-varying checks (those fire late anyway)
-_KEY_CHARS = 16  # tail length looked up to find candidate periods
 _SENTENCE_CONFIRM_CHARS = 16  # chars of a sentence's 3rd copy that must match before cutting
 # Templates (numbers normalised, or code-like) need this many copies: unrolled code, argument
 # lists, JSON points and log lines repeat a line a few times ("NULL, NULL, NULL"); loops go on.
@@ -41,7 +40,6 @@ _SYMBOL_MIN_COPIES = 16  # likewise for long blocks without letters: rows of a z
 _FEED_CHUNK = 1024  # a huge delta is taken in pieces of this size, so memory stays bounded
 _TRIM_SLACK = 1024  # buffers are cut back to buffer_chars once they exceed it by this much
 _PLACEHOLDER = "0"  # norm's stand-in for a digit run; no other digit survives in norm
-_NEVER, _MAX_BLOCK_CHARS = 1 << 62, 1024  # "no threshold"; longest block has_repeated_block seeks
 
 _WS_SPLIT = re.compile(r"(\s+)")
 _DIGITS = re.compile(r"\d+")
@@ -49,7 +47,6 @@ _DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
 _WORD = re.compile(r"[^\W\d_]{2}")
 _CODE = re.compile(r"[_()\[\]{}=;<>\\`]|[^\W\d]\.[^\W\d]")  # brackets, operators, obj.attr
-_ALNUM = re.compile(r"[^\W_]")
 _TOKENS = re.compile(r"\s+|\d+|[^\s\d]+")  # raw text in the pieces lite is built from
 # A sentence ends; a line ends; a code fence opens or closes. Every branch starts with a literal, so sre
 # scans for their first chars at C speed (a leading class would make it try the branches at every char).
@@ -62,7 +59,6 @@ _CUT_PREFS = (
     (re.compile(r"(?<=[^\W\d_])[,;:](?=[ \n])"), True),
     (re.compile(r" "), False),
 )
-_Needs = Callable[[str, int], int]  # (block, period) -> run length at which it is a loop
 
 
 @dataclass(frozen=True)
@@ -120,7 +116,7 @@ class LoopDetector:
         # checkpoints up to these lite positions cannot fire: an exact / a number-varying check found no candidate
         self._quiet_exact = self._quiet_varying = -1
         self._quiet = _quiet_chars(config)
-        self._digit_end = -_NEVER  # absolute lite position just after the latest digit (none yet)
+        self._digit_end = -NEVER  # absolute lite position just after the latest digit (none yet)
 
     @property
     def verdict(self) -> LoopVerdict | None:
@@ -266,12 +262,12 @@ class LoopDetector:
         """Periodicity checks on the text up to absolute lite position ``at`` (those not ruled out)."""
         cfg = self._cfg
         end = at - self._lite_base
-        if not self._exact_ruled_out(at) and end > _KEY_CHARS:
-            first = _nearest_key_copy(self._lite, end, cfg.max_period_chars)
+        if not self._exact_ruled_out(at) and end > KEY_CHARS:
+            first = nearest_key_copy(self._lite, end, cfg.max_period_chars)
             if first < 0:
                 self._quiet_exact = at + self._quiet[0]
             else:
-                run = _find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs,
+                run = find_run(self._lite, end, cfg.max_period_chars, cfg.buffer_chars, self._exact_needs,
                                 floor=self._prose_needs, first=first)  # fmt: skip
                 if run is not None:
                     self._fire(run, "lite", self._lite, end, self._lite_base)
@@ -282,13 +278,13 @@ class LoopDetector:
         norm = self._norm
         recent = norm[-cfg.max_period_chars :]
         # cheap gate (a regex letter scan is slow): a number, and a letter (cased, or not ASCII)
-        if len(norm) > _KEY_CHARS and _PLACEHOLDER in recent and (recent.upper() != recent or not recent.isascii()):
-            first = _nearest_key_copy(norm, len(norm), cfg.max_period_chars)
+        if len(norm) > KEY_CHARS and _PLACEHOLDER in recent and (recent.upper() != recent or not recent.isascii()):
+            first = nearest_key_copy(norm, len(norm), cfg.max_period_chars)
             if first < 0:
                 # norm grows no faster than lite, so lite positions bound the norm chars in between
                 self._quiet_varying = at + self._quiet[1]
                 return
-            run = _find_run(norm, len(norm), cfg.max_period_chars, cfg.buffer_chars, self._varying_needs,
+            run = find_run(norm, len(norm), cfg.max_period_chars, cfg.buffer_chars, self._varying_needs,
                             floor=self._template_needs, first=first)  # fmt: skip
             if run is not None:
                 self._fire(run, "norm", norm, len(norm), self._norm_base)
@@ -329,7 +325,7 @@ class LoopDetector:
         """The run length for a block that repeats only once numbers are normalised."""
         if _PLACEHOLDER in block and _WORD.search(block):
             return self._template_needs(period)
-        return _NEVER  # no number (the exact check judged it) or no word: "7 x 8 = 56" is no loop
+        return NEVER  # no number (the exact check judged it) or no word: "7 x 8 = 56" is no loop
 
     def _fire(self, run: tuple[int, int], stream: str, buf: str, end: int, base: int) -> None:
         period, span = run
@@ -352,81 +348,17 @@ def _quiet_chars(cfg: LoopConfig) -> tuple[int, int]:
     """How many chars past a check that found no earlier copy of its key the next checks cannot fire:
     (exact checks, number-varying checks).
 
-    _find_run fires for a period only on a run of at least floor(period) chars, whose last
+    find_run fires for a period only on a run of at least floor(period) chars, whose last
     floor(period) - period chars (never fewer than the key) equal the chars one period before them.
-    A checkpoint at most that length minus _KEY_CHARS before the run's end has its whole key inside
+    A checkpoint at most that length minus KEY_CHARS before the run's end has its whole key inside
     that stretch, so it would have found the key one period back. Conversely, once a check finds no
-    copy, every checkpoint up to the smallest such length minus _KEY_CHARS later cannot fire and is
+    copy, every checkpoint up to the smallest such length minus KEY_CHARS later cannot fire and is
     skipped: the decisions, and where they are taken, stay those of checking every checkpoint.
     """
     periods = range(1, cfg.max_period_chars + 1)
-    exact = min(max(_KEY_CHARS, _prose_needs(cfg, p) - p) for p in periods)
-    varying = min(max(_KEY_CHARS, _template_needs(cfg, p) - p) for p in periods)
-    return exact - _KEY_CHARS, varying - _KEY_CHARS
-
-
-def _nearest_key_copy(buf: str, end: int, max_period: int, key: int = _KEY_CHARS) -> int:
-    """Where _find_run's first candidate starts: the nearest earlier copy of the key ending at ``end``, else -1."""
-    return buf.rfind(buf[end - key : end], max(0, end - key - max_period), end - 1)
-
-
-def _find_run(
-    buf: str, end: int, max_period: int, history: int, needs: _Needs, key: int = _KEY_CHARS, tries: int = 8,
-    floor: Callable[[int], int] | None = None, first: int | None = None,
-) -> tuple[int, int] | None:  # fmt: skip
-    """The (period, span) of a periodic run ending at ``buf[end]`` that meets ``needs``, else None.
-
-    Candidate periods come from earlier occurrences of the ``key`` chars before ``end``, nearest
-    first. A run found for one period also covers that period's multiples, so the search goes on
-    only before that run: a multiple is never judged as a separate, longer "sentence". Spans are
-    measured over at most ``history`` chars, so they do not depend on when the buffer was trimmed.
-    ``floor(period)``, a lower bound of ``needs`` for any block, lets a short run be dismissed
-    before ``needs`` looks at the block (most candidates in ordinary text are a few shared words).
-    ``first``: the nearest candidate (:func:`_nearest_key_copy`) when the caller has looked it up.
-    """
-    if end <= key:
-        return None
-    tail = buf[end - key : end]
-    lo = max(0, end - key - max_period)
-    hi = end - 1
-    for attempt in range(tries):
-        q = first if attempt == 0 and first is not None else buf.rfind(tail, lo, hi)
-        if q < 0:
-            return None
-        period = end - key - q
-        limit = min(end, history) - period
-        least = floor(period) if floor is not None else 0
-        span = period + _common_suffix(buf, end, period, key, min(limit, least - period)) if least else period + key
-        if span >= least:
-            needed = needs(buf[max(0, end - period - 2) : end], period)  # 2 more: "a.b" may straddle the cut
-            # measure as far as the threshold (or, never firing, to skip the run); all of it for the cut
-            reach = needed - period if needed < _NEVER else max_period + key
-            span = period + _common_suffix(buf, end, period, span - period, min(limit, reach))
-        else:
-            needed = _NEVER
-        if span >= needed:
-            return period, period + _common_suffix(buf, end, period, span - period, limit)
-        hi = min(q + key - 1, end - span - 1 + key)
-        if hi - lo < key:
-            return None
-    return None
-
-
-def _common_suffix(buf: str, end: int, period: int, known: int, limit: int) -> int:
-    """Chars before ``end`` that keep period ``period`` (``known`` to ``limit``), by galloping slice compares."""
-    length = known
-    step = 64
-    while length < limit:
-        n = min(step, limit - length)
-        a = end - length
-        if buf[a - n : a] == buf[a - n - period : a - period]:
-            length += n
-            step *= 2
-        elif n == 1:
-            break
-        else:
-            step = n // 2
-    return length
+    exact = min(max(KEY_CHARS, _prose_needs(cfg, p) - p) for p in periods)
+    varying = min(max(KEY_CHARS, _template_needs(cfg, p) - p) for p in periods)
+    return exact - KEY_CHARS, varying - KEY_CHARS
 
 
 def _first_copy_end(buf: str, run_start: int, period: int) -> int:
@@ -478,33 +410,3 @@ def _raw_offset(text: str, target: int, *, numbers: bool) -> int:
                 return m.start() + i
             pos += len(ch.casefold())
     return len(text)
-
-
-def has_repeated_block(
-    text: str, min_copies: int = 3, min_block_chars: int = 10, *, normalise_numbers: bool = False
-) -> bool:
-    """Evaluation helper: True if the text holds a block repeated ``min_copies`` or more times in a row.
-
-    This is the eval's definition of "looping". The text is compared case-folded with whitespace
-    runs collapsed; digits count as themselves unless ``normalise_numbers`` (then every digit run
-    is one placeholder, so "5555" is no longer a repeat but "1. Monday 2. Monday" is). A block
-    must be ``min_block_chars`` to ``_MAX_BLOCK_CHARS`` long and hold a letter or digit, so rules
-    ("-----", "|---|---|") and a short word said a few times ("hello hello hello hello hello",
-    "ha ha ha") are not loops, while a short phrase repeated at length is (a block of several
-    copies reaches the minimum). 10 chars, about two words, is the shortest block whose three
-    copies in a row read as a stuck model rather than emphasis.
-    """
-    lite = _WS_SPLIT.sub(" ", text.casefold()).strip() + " "  # so the last copy has its separator too
-    if normalise_numbers:
-        lite = _DIGITS.sub(_PLACEHOLDER, lite)
-    key_len = max(1, min(_KEY_CHARS, min_block_chars))
-
-    def needs(block: str, period: int) -> int:
-        if not _ALNUM.search(block):
-            return _NEVER
-        block_len = -(-min_block_chars // period) * period  # smallest multiple of the period
-        return min_copies * block_len if block_len <= _MAX_BLOCK_CHARS else _NEVER
-
-    # A run is found from its own end; trying every end keeps this exact up to the candidate cap.
-    n = len(lite)
-    return any(_find_run(lite, e, _MAX_BLOCK_CHARS, n, needs, key_len, 64) for e in range(key_len + 1, n + 1))
