@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,10 @@ def _run(config: str, seed: int, texts: dict[str, tuple[str, str]]) -> ev.Run:
     return ev.Run(config, 0.7 if seed else 0.0, seed, answers, 2.0)
 
 
+def _prompt(pid: str) -> dict[str, object]:
+    return next(p for p in ev.load_prompts() if p["id"] == pid)
+
+
 def test_metrics_and_tables() -> None:
     loop = "I like the sea. " * 10
     count = ", ".join(map(str, range(1, 21)))
@@ -89,3 +94,28 @@ def test_metrics_and_tables() -> None:
     held = report.summary([off], lambda p: p["split"] == "holdout")  # code-02 alone is held out
     assert "| off | 0 | 1 | 0.0% | 0 |" in held
     assert report.looping(off) == ["story-01"]
+
+
+def test_a_failed_request_is_an_error_not_an_answer() -> None:
+    run = _run("balanced", 0, {"story-01": ("I like the sea. " * 10, "length"), "fact-01": ("Paris.", "stop")})
+    run.answers.append(ev.Answer(_prompt("story-02"), error="ServerDisconnectedError('Server disconnected')"))
+    run.answers.append(ev.Answer(_prompt("fact-02"), error="503: engine_unavailable"))
+    m = ev.metrics(run)
+    # loops: 1 of the 2 answers (story-01, fact-01), not 1 of 4; facts: 1 right of 1 answered, not 1 of 2
+    assert (m.loop_rate, m.factual, m.errors) == (0.5, 1.0, 2)
+
+
+def test_saved_answers_come_back_as_runs_and_the_common_part_drops_failed_prompts(tmp_path: Path) -> None:
+    off = _run("off", 0, {"story-01": ("I like the sea. " * 10, "length"), "fact-01": ("Paris.", "stop")})
+    bal = _run("balanced", 0, {"story-01": ("A calm poem.", "stop")})
+    bal.answers.append(ev.Answer(_prompt("fact-01"), error="503: engine_unavailable"))
+    path = tmp_path / "answers.jsonl"
+    report.write_answers(path, [off, bal])
+    back = report.read_answers([path])
+    assert [(r.config, r.temperature, len(r.answers)) for r in back] == [("off", 0.0, 2), ("balanced", 0.0, 2)]
+    a, b = ev.metrics(back[0]), ev.metrics(off)
+    assert (a.loop_rate, a.factual, a.length_stops, a.tokens) == (b.loop_rate, b.factual, b.length_stops, b.tokens)
+    assert ev.metrics(back[1]).errors == 1
+    common, dropped = report.common_part(back)
+    assert dropped == {"fact-01"}
+    assert [[a.prompt["id"] for a in r.answers] for r in common] == [["story-01"], ["story-01"]]

@@ -54,3 +54,23 @@ def register(eval_app: typer.Typer) -> None:
         if details:
             for run in done:
                 typer.echo(f"{run.config} t={run.temperature:g} seed={run.seed}: looping {report.looping(run)}")
+
+    @eval_app.command("report")
+    def report_cmd(
+        answers: list[Path] = typer.Argument(..., help="`governor eval loops --answers` files (JSON lines)."),
+        common: bool = typer.Option(
+            False, help="Only prompts every run answered: a request error in any run drops that prompt everywhere."
+        ),
+        details: bool = typer.Option(False, help="List the prompts that still loop, per run."),
+    ) -> None:
+        """Tables from saved answers, re-judged here (e.g. an eval run on a GPU machine)."""
+        from governor.eval import report
+
+        runs = report.read_answers(answers)
+        if common:
+            runs, dropped = report.common_part(runs)
+            typer.echo(f"{len(dropped)} prompts dropped (a request error in some run): {sorted(dropped)}")
+        typer.echo(report.full_report(runs, "all"))
+        if details:
+            for run in runs:
+                typer.echo(f"{run.config} t={run.temperature:g} seed={run.seed}: looping {report.looping(run)}")

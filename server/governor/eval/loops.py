@@ -148,15 +148,18 @@ def _share(flags: list[bool]) -> float:
 
 
 def metrics(run: Run) -> Metrics:
-    judged = [a.loops for a in run.answers if a.prompt["category"] != "repeat"]
+    """Rates over the answers that came back: a failed request is counted in `errors`, not as an answer
+    that neither loops nor passes its check."""
+    answered = [a for a in run.answers if not a.error]
+    judged = [a.loops for a in answered if a.prompt["category"] != "repeat"]
     return Metrics(
         loop_rate=_share(judged),
-        length_stops=sum(a.finish == "length" for a in run.answers),
-        factual=_share([a.correct for a in run.answers if a.prompt["category"] == "fact"]),
-        repetition=_share([a.correct for a in run.answers if a.prompt["category"] == "repeat"]),
-        tokens=sum(a.tokens for a in run.answers),
-        cuts=sum(a.stop_reason == "loop_detected" or a.finish == "repetition" for a in run.answers),
-        errors=sum(1 for a in run.answers if a.error),
+        length_stops=sum(a.finish == "length" for a in answered),
+        factual=_share([a.correct for a in answered if a.prompt["category"] == "fact"]),
+        repetition=_share([a.correct for a in answered if a.prompt["category"] == "repeat"]),
+        tokens=sum(a.tokens for a in answered),
+        cuts=sum(a.stop_reason == "loop_detected" or a.finish == "repetition" for a in answered),
+        errors=len(run.answers) - len(answered),
     )
 
 

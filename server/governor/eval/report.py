@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from governor.eval.loops import CATEGORIES, CHECKED, Metrics, Run, metrics
+from governor.eval.loops import CATEGORIES, CHECKED, Answer, Metrics, Run, load_prompts, metrics
 
 
 def _groups(runs: list[Run]) -> list[list[Run]]:
@@ -68,7 +68,8 @@ def by_category(runs: list[Run], keep: Callable[[dict[str, Any]], bool] = lambda
     for group in _groups(runs):
         cells = []
         for cat in CATEGORIES:
-            answers = [a for r in group for a in r.answers if a.prompt["category"] == cat and keep(a.prompt)]
+            answers = [a for r in group for a in r.answers
+                       if a.prompt["category"] == cat and keep(a.prompt) and not a.error]  # fmt: skip
             hits = sum(a.correct if cat in CHECKED else a.loops for a in answers)
             label = "ok" if cat in CHECKED else "loops"
             cells.append(f"{hits}/{len(answers)} {label}" if answers else "-")
@@ -107,3 +108,24 @@ def _verdict(text: str) -> dict[str, Any] | None:
 
     v = judge(text)
     return None if v is None else {"kind": v.kind, "copies": v.copies, "block": v.block}
+
+
+def read_answers(paths: list[Path]) -> list[Run]:
+    """Runs back from `--answers` files, with each answer's prompt (and check) from the shipped set, so a
+    run on another machine can be reported, re-judged or compared here."""
+    prompts = {p["id"]: p for p in load_prompts()}
+    runs: dict[tuple[str, float, int], Run] = {}
+    for path in paths:
+        for line in filter(None, path.read_text(encoding="utf-8").split("\n")):  # not splitlines: U+2028 in texts
+            row = json.loads(line)
+            key = (row["config"], float(row["temperature"]), int(row["seed"]))
+            run = runs.setdefault(key, Run(*key))
+            run.answers.append(Answer(prompts[row["id"]], row["text"], row["finish"], row["stop_reason"],
+                                      int(row["tokens"]), row["error"]))  # fmt: skip
+    return list(runs.values())
+
+
+def common_part(runs: list[Run]) -> tuple[list[Run], set[str]]:
+    """The runs restricted to prompts every run answered (no request error), and the ids dropped."""
+    failed = {a.prompt["id"] for r in runs for a in r.answers if a.error}
+    return [r.part(lambda p: p["id"] not in failed) for r in runs], failed
