@@ -15,7 +15,7 @@ BUDGET=${BUDGET:-560}   # seconds for this call; the load and eval steps shrink 
 GW=http://127.0.0.1:8000
 ENGINE=http://127.0.0.1:8100
 REHEARSAL=${REHEARSAL:-}
-DEVICE=gpu; LOAD_ARGS="--concurrency 64 256 --reps 3 --waves 1.5"; EVAL_ARGS="--concurrency 208"; SYNTH_ARGS="--steps 5 --batch 8 --batch 256 --batch 1024"
+DEVICE=gpu; LOAD_ARGS="--concurrency 64 256 --reps 3 --waves 1.5"; EVAL_ARGS="--concurrency 128"; SYNTH_ARGS="--steps 5 --batch 8 --batch 256 --batch 1024"
 if [ -n "$REHEARSAL" ]; then
   DEVICE=cpu; LOAD_ARGS="--concurrency 4 --reps 1 --waves 1"; EVAL_ARGS="--concurrency 8 --limit 1 --seeds 1"
   SYNTH_ARGS="--steps 2 --batch 8 --batch 64"
@@ -47,6 +47,7 @@ if has install && [ -z "$REHEARSAL" ] && [ ! -f "$X/.done" ]; then
   python3 -c "import tarfile; tarfile.open('$X/vllm.tar.xz').extractall('/tmp/site')" && touch "$X/.done"
 fi
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+ulimit -n "$(ulimit -Hn)" 2>/dev/null; log "open files limit $(ulimit -n)"  # the first run ran out at ~830 clients
 if [ -z "$REHEARSAL" ]; then export PYTHONPATH=/tmp/site:$REPO/server GOVERNOR_CACHE_DIR=/root/gcache; fi
 CACHE=${GOVERNOR_CACHE_DIR:-$HOME/.cache/governor}
 if has install; then
@@ -60,10 +61,10 @@ if has synth; then
   log "1. model (background) + synthetic processor bench on the GPU"
   PIP_NO_INDEX=1 PIP_FIND_LINKS=$X python3 -m governor model prepare >"$WORK/model.log" 2>&1 &
   MODEL_PID=$!
+  wait $MODEL_PID || { log "model prepare failed"; tail -n 20 "$WORK/model.log"; }  # the bench reads its vocab
   timeout 75 python3 -m governor bench processors --synthetic --device $([ $DEVICE = gpu ] && echo cuda || echo cpu) \
     $SYNTH_ARGS >"$WORK/synthetic.json" 2>"$WORK/synthetic.log" || log "synthetic bench failed or timed out"
   tail -n 2 "$WORK/synthetic.json" | cut -c1-1500
-  wait $MODEL_PID || { log "model prepare failed"; tail -n 20 "$WORK/model.log"; }
   pack
 fi
 
@@ -115,6 +116,7 @@ fi
 
 if has eval; then
   log "5. eval: four processes in parallel (greedy/t=0.7 x defaults/variants), answers kept"
+  # 4 x 208 connections ran the first run out of file descriptors: EVAL_ARGS can lower --concurrency.
   EVAL_S=$(( $(left) - 20 ))
   VCONF=(); for v in "${VARIANTS[@]}"; do VCONF+=(--config "$v"); done
   run_eval() {  # name temperature config-args...
@@ -132,6 +134,7 @@ if has final; then
   log "6. final metrics"
   python3 -c "import httpx; print(httpx.get('$GW/metrics').text)" >"$WORK/metrics-end.txt" 2>&1
   nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
+  cp "$CACHE"/logs/engine-*.log "$WORK/" 2>/dev/null
   pkill -f 'governor serve'; sleep 3
   log "done"; pack
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from collections import Counter
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def test_saved_answers_come_back_as_runs_and_the_common_part_drops_failed_prompt
     a, b = ev.metrics(back[0]), ev.metrics(off)
     assert (a.loop_rate, a.factual, a.length_stops, a.tokens) == (b.loop_rate, b.factual, b.length_stops, b.tokens)
     assert ev.metrics(back[1]).errors == 1
+    gz = tmp_path / "answers.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert [len(r.answers) for r in report.read_answers([gz])] == [2, 2]
     common, dropped = report.common_part(back)
     assert dropped == {"fact-01"}
     assert [[a.prompt["id"] for a in r.answers] for r in common] == [["story-01"], ["story-01"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import statistics
@@ -111,12 +112,13 @@ def _verdict(text: str) -> dict[str, Any] | None:
 
 
 def read_answers(paths: list[Path]) -> list[Run]:
-    """Runs back from `--answers` files, with each answer's prompt (and check) from the shipped set, so a
+    """Runs back from `--answers` files (or their .gz), with each answer's prompt (and check) from the shipped set, so a
     run on another machine can be reported, re-judged or compared here."""
     prompts = {p["id"]: p for p in load_prompts()}
     runs: dict[tuple[str, float, int], Run] = {}
     for path in paths:
-        for line in filter(None, path.read_text(encoding="utf-8").split("\n")):  # not splitlines: U+2028 in texts
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        for line in filter(None, raw.decode("utf-8").split("\n")):  # not splitlines: U+2028 in texts
             row = json.loads(line)
             key = (row["config"], float(row["temperature"]), int(row["seed"]))
             run = runs.setdefault(key, Run(*key))
