@@ -205,23 +205,25 @@ class VllmProcess(RemoteEngine):
         return False
 
     async def _watch(self) -> None:
-        """Return when the process exits or stops answering health checks."""
+        """Return when the process exits or stops answering health checks.
+
+        A request's connection failure only makes the next check come sooner (see `suspect`); the exit of
+        the process is what marks a local engine down at once."""
         failures = 0
         assert self.proc is not None
-        while self.state != EngineState.STOPPED:
-            try:
-                await asyncio.wait_for(self.proc.wait(), HEALTH_INTERVAL)
-                return
-            except TimeoutError:
-                pass
-            healthy = await self.health(timeout=2.0)
-            failures = 0 if healthy else failures + 1
-            if failures >= HEALTH_FAILURES_DOWN:
-                return
-            if healthy and self.state == EngineState.DOWN:
-                # A request saw a transient connection error; the same process answers again.
-                self.state = EngineState.READY
-                self._ready_event.set()
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            while self.state != EngineState.STOPPED:
+                await self._pause(until=exited)
+                if exited.done():
+                    return
+                healthy = await self.health(timeout=2.0)
+                self._check_now.clear()  # failures seen while this check ran are answered by it
+                failures = 0 if healthy else failures + 1
+                if failures >= HEALTH_FAILURES_DOWN:
+                    return
+        finally:
+            exited.cancel()
 
     def _exit_reason(self) -> str:
         if self.proc is None or self.proc.returncode is None:

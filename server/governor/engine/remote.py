@@ -23,6 +23,43 @@ log = logging.getLogger("governor.engine")
 HEALTH_INTERVAL = 0.5
 # Consecutive failed health checks before an engine whose process still runs is declared down.
 HEALTH_FAILURES_DOWN = 3
+# vLLM's uvicorn closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp would keep it
+# 15 s. Dropping idle connections first makes the keep-alive race (the server closes an idle connection
+# just as the client reuses it) rare; _send retries the cases that remain.
+KEEPALIVE = 4.0
+
+
+class _Attempt:
+    """What aiohttp's tracing said about one attempt: whether it went out on a pooled, reused connection."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _note_reuse(_session: aiohttp.ClientSession, ctx: Any, _params: object) -> None:
+    if isinstance(ctx.trace_request_ctx, _Attempt):  # only _send asks; other calls pass no context
+        ctx.trace_request_ctx.reused = True
+
+
+def safe_to_resend(exc: BaseException, attempt: _Attempt) -> bool:
+    """Whether a failed attempt may be sent once more, on a fresh connection.
+
+    Envoy's `connect-failure` plus the keep-alive case of RFC 9112 section 9.3.1, not Envoy's `reset`:
+    - the connection could not be made (refused, no socket): nothing was sent;
+    - a pooled connection that had sat idle failed before any answer (ServerDisconnected, or a reset as
+      the request was written): the usual cause is the server closing it as idle just as we reused it,
+      before it read a request on it. Should the server have read it after all, it sees that socket
+      closed and aborts that copy (vLLM aborts a request whose client is gone), so the cost is a few
+      wasted tokens, never a second answer to the client; each resend is logged. Adapter loads and
+      unloads are safe to repeat (lora/upstream.py treats "already loaded" and 404 as done).
+    A fresh connection that fails is not resent: that engine read the request and may be generating or
+    dying, and a duplicate there would be silent work on a failing engine.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    return attempt.reused and isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
 
 
 class HttpUpstream:
@@ -71,6 +108,9 @@ class RemoteEngine:
         self.generation = 0
         self._hooks: list[ReadyHook] = []
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+        # Set by a request that failed at the connection level: the health watcher checks at once.
+        self._check_now = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None
         self._ready_event = asyncio.Event()
 
@@ -80,20 +120,37 @@ class RemoteEngine:
         """Run hook each time the engine becomes ready (first start and every restart)."""
         self._hooks.append(hook)
 
+    def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
+        connector: aiohttp.BaseConnector
+        keepalive = None if force_close else KEEPALIVE
+        if self.socket_path:
+            connector = aiohttp.UnixConnector(
+                path=str(self.socket_path), limit=0, force_close=force_close, keepalive_timeout=keepalive
+            )
+        else:
+            connector = aiohttp.TCPConnector(
+                limit=0, force_close=force_close, keepalive_timeout=keepalive, enable_cleanup_closed=True
+            )
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_note_reuse)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        # The key goes on every call, /health and /metrics included (a remote engine may guard them).
+        return aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, headers=self._auth, trace_configs=[trace]
+        )
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector: aiohttp.BaseConnector
-            if self.socket_path:
-                connector = aiohttp.UnixConnector(path=str(self.socket_path), limit=0, force_close=False)
-            else:
-                connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-            # The key goes on every call, /health and /metrics included (a remote engine may guard them).
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, auto_decompress=False, headers=self._auth
-            )
+            self._session = self._new_session(force_close=False)
         return self._session
+
+    @property
+    def fresh_session(self) -> aiohttp.ClientSession:
+        """A session whose every request opens a new connection: for the one retry a stale pooled one earns."""
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = self._new_session(force_close=True)
+        return self._fresh
 
     async def start(self) -> None:
         self._monitor = asyncio.create_task(self._watch_health(), name=f"health-{self.name}")
@@ -103,8 +160,9 @@ class RemoteEngine:
         if self._monitor:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
-        if self._session:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session:
+                await session.close()
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
@@ -125,6 +183,31 @@ class RemoteEngine:
                 await hook(self)
             except Exception:
                 log.exception("ready hook failed", extra={"engine": self.name})
+
+    def suspect(self, why: str) -> None:
+        """A request failed at the connection level: the health watcher checks now, not at its next tick.
+
+        One request's failure never marks the engine down by itself: under load a reset or a closed
+        keep-alive connection is routine, and an engine marked down turns every other request into a 503
+        until it is seen healthy again. Only the watcher decides (health checks; for a local engine also
+        its process exiting), so a dead engine is still found within a few health intervals."""
+        if not self._check_now.is_set() and self.state == EngineState.READY:
+            log.warning("engine %s: %s; checking its health now", self.name, why, extra={"engine": self.name})
+        self._check_now.set()
+
+    async def _pause(self, until: asyncio.Future[Any] | None = None) -> None:
+        """Wait one health interval, or less when a request asks for a check now (or `until` completes)."""
+        if self._check_now.is_set():
+            return
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._check_now.wait())}
+        if until is not None:
+            waits.add(until)
+        try:
+            await asyncio.wait(waits, timeout=HEALTH_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                if waiter is not until:
+                    waiter.cancel()
 
     def _went_down(self, why: str) -> None:
         if self.state in (EngineState.READY, EngineState.STARTING):
@@ -152,6 +235,7 @@ class RemoteEngine:
         failures = 0
         while self.state != EngineState.STOPPED:
             ok = await self.health()
+            self._check_now.clear()  # failures seen while this check ran are answered by it
             if ok:
                 failures = 0
                 if self.state != EngineState.READY:
@@ -160,25 +244,45 @@ class RemoteEngine:
                 failures += 1
                 if failures >= HEALTH_FAILURES_DOWN and self.state == EngineState.READY:
                     self._went_down("health check failing")
-            await asyncio.sleep(HEALTH_INTERVAL)
+            await self._pause()
 
     # -- requests ----------------------------------------------------------------------------------
+
+    async def _send(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str] | None, timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        """Send one request and return its response with the headers read; retried once on a fresh connection
+        when the first attempt may safely be sent again (see safe_to_resend)."""
+        attempt = _Attempt()
+        begin = asyncio.get_running_loop().time()
+        try:
+            return await self.session.request(
+                method, self.base_url + path, data=data, headers=headers, timeout=timeout, trace_request_ctx=attempt
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            if not safe_to_resend(exc, attempt):
+                raise
+            log.info("retrying %s on a fresh connection after %r", path, exc, extra={"engine": self.name})
+        if timeout.total is not None:  # the retry gets what is left of the deadline, not a new one
+            left = timeout.total - (asyncio.get_running_loop().time() - begin)
+            timeout = aiohttp.ClientTimeout(total=max(left, 0.001), sock_connect=timeout.sock_connect)
+        return await self.fresh_session.request(
+            method, self.base_url + path, data=data, headers=headers, timeout=timeout, trace_request_ctx=_Attempt()
+        )
 
     async def open(
         self, path: str, body: dict[str, Any], headers: dict[str, str], timeout: float | None = None
     ) -> HttpUpstream:
         """POST body and return the response unread, for relaying; `timeout` bounds the whole exchange."""
         try:
-            response = await self.session.post(
-                self.base_url + path,
-                data=orjson.dumps(body),
-                headers={"Content-Type": "application/json", **headers},
-                timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5),
-            )
+            response = await self._send(
+                "POST", path, orjson.dumps(body), {"Content-Type": "application/json", **headers},
+                aiohttp.ClientTimeout(total=timeout, sock_connect=5),
+            )  # fmt: skip
         except TimeoutError as exc:
             raise DeadlineExceeded("Request deadline exceeded before the engine answered.") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            self._went_down(f"request failed: {exc!r}")
+            self.suspect(f"request failed: {exc!r}")
             raise EngineUnavailable(f"Engine '{self.name}' is not reachable; retry shortly.") from exc
         return HttpUpstream(response)
 
@@ -187,19 +291,21 @@ class RemoteEngine:
     ) -> tuple[int, Any]:
         """A small JSON call (models, adapters); raises EngineUnavailable when unreachable."""
         try:
-            async with self.session.request(
-                method,
-                self.base_url + path,
-                data=orjson.dumps(body) if body is not None else None,
-                headers={"Content-Type": "application/json"} if body is not None else None,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
+            response = await self._send(
+                method, path, orjson.dumps(body) if body is not None else None,
+                {"Content-Type": "application/json"} if body is not None else None,
+                aiohttp.ClientTimeout(total=timeout),
+            )  # fmt: skip
+            async with response as resp:
                 raw = await resp.read()
                 try:
                     return resp.status, orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:
                     return resp.status, raw.decode("utf-8", "replace")
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            raise EngineUnavailable(f"Engine '{self.name}' did not answer {path}: {exc!r}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            self.suspect(f"{path} failed: {exc!r}")
             raise EngineUnavailable(f"Engine '{self.name}' did not answer {path}: {exc!r}") from exc
 
     async def metrics_text(self) -> str | None:
