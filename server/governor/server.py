@@ -14,6 +14,7 @@ from governor.app import create_app
 from governor.bootstrap import build_policy, build_pool, build_registry
 from governor.engine.base import EngineClient
 from governor.engine.pool import EnginePool
+from governor.limits import check_open_files
 from governor.lora.merge import read_provenance
 from governor.settings import Settings
 
@@ -51,6 +52,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def run(settings: Settings) -> None:
+    check_open_files(settings)  # before any engine starts: they inherit the raised limit
     pool, model_dir = build_pool(settings)
     policy = build_policy(settings, model_dir)
     registry = build_registry(settings, pool, model_dir)
