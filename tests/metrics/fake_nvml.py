@@ -59,7 +59,10 @@ class FakeGpu:
 class FakeNvml:
     """Handles are GPU indices. Faults: `failing[(gpu, call)] = code` fails one call, `lost` GPUs fail every
     call (listing included), `driver_loaded = False` fails init (driver not loaded) and every device call
-    (uninitialized); `hang[(gpu or None, call)] = event` blocks that call until the event is set."""
+    (uninitialized); `hang[(gpu or None, call)] = event` blocks that call until the event is set;
+    `raising[(gpu, call)] = exc` raises any exception (not only NVML's), `slow[(gpu, call)] = s` delays
+    that call by s seconds, `structs[(gpu, call)] = obj` makes the utilization or memory call return obj
+    (a struct of another binding version)."""
 
     NVMLError = FakeNVMLError
     NVML_ERROR_NOT_SUPPORTED = NOT_SUPPORTED
@@ -75,6 +78,9 @@ class FakeNvml:
         self.lost: set[int] = set()
         self.failing: dict[tuple[int, str], int] = {}  # (gpu, call) -> NVML error code
         self.hang: dict[tuple[int | None, str], threading.Event] = {}
+        self.raising: dict[tuple[int, str], BaseException] = {}
+        self.slow: dict[tuple[int, str], float] = {}
+        self.structs: dict[tuple[int, str], Any] = {}
         self.hung_calls = 0  # calls that entered a hang
         self.entered = threading.Event()  # set when a call starts hanging
         self.energy_mj = [1_000_000, 2_000_000]
@@ -95,6 +101,10 @@ class FakeNvml:
 
     def _gpu(self, handle: int, call: str) -> FakeGpu:
         self._enter(handle, call)
+        if (handle, call) in self.slow:
+            time.sleep(self.slow[(handle, call)])
+        if (handle, call) in self.raising:
+            raise self.raising[(handle, call)]
         if not self.driver_loaded:
             raise FakeNVMLError(UNINITIALIZED)
         if handle in self.lost:
@@ -127,13 +137,13 @@ class FakeNvml:
     def nvmlDeviceGetUUID(self, handle: int) -> bytes:
         return self._gpu(handle, "uuid").uuid.encode()  # old pynvml returns bytes
 
-    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
         gpu, memory = self._gpu(handle, "utilization").util
-        return SimpleNamespace(gpu=gpu, memory=memory)
+        return self.structs.get((handle, "utilization"), SimpleNamespace(gpu=gpu, memory=memory))
 
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
         used, total = self._gpu(handle, "memory").mem
-        return SimpleNamespace(used=used, total=total, free=total - used)
+        return self.structs.get((handle, "memory"), SimpleNamespace(used=used, total=total, free=total - used))
 
     def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
         assert sensor == self.NVML_TEMPERATURE_GPU
@@ -196,7 +206,7 @@ def fresh(collector: GpuCollector) -> dict[str, Any]:
     target = collector.rounds + 2  # the round in progress now may predate the caller's changes
 
     def read() -> bool:
-        collector.start()  # as a scraper would: keeps the reader from idling out while this waits
+        collector.start()  # as a scrape does: starts the reader if none runs (or it died)
         return collector.rounds >= target
 
     wait_until(read)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,12 +74,15 @@ def test_not_supported_skips_only_that_sample(nvml: FakeNvml, make: Make, caplog
     nvml.failing[(1, "power")] = NOT_SUPPORTED
     caplog.set_level(logging.DEBUG, logger="governor.metrics.gpu")
 
-    families = fresh(make())
+    collector = make()
+    for _ in range(3):
+        families = fresh(collector)
 
     assert samples(families, "governor_gpu_power_watts") == {("0",): 312.5}
     assert samples(families, "governor_gpu_power_limit_watts") == {("0",): 700.0, ("1",): 72.0}
     assert value(families, "governor_gpu_temperature_celsius", "1") == 83
-    assert [r.levelno for r in caplog.records if "field=power" in r.getMessage()] == [logging.DEBUG]
+    # Said once (at INFO, so a serve log shows which fields this GPU model lacks), however many rounds.
+    assert [r.levelno for r in caplog.records if "field=power" in r.getMessage()] == [logging.INFO]
     assert value(families, "governor_gpu_up", "1") == 1  # a property of the GPU model, not a fault
     assert families["governor_gpu_errors"].samples == []
 
@@ -93,6 +97,49 @@ def test_field_error_skips_that_field_counts_it_and_keeps_the_gpu_up(nvml: FakeN
     assert samples(families, "governor_gpu_up") == {("0",): 1.0, ("1",): 1.0}
     assert set(samples(families, "governor_gpu_errors")) == {("no_permission", "0")}
     assert samples(families, "governor_gpu_errors")[("no_permission", "0")] >= 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(TypeError("argument 2: <class 'TypeError'>: wrong type"), id="call-raises-non-nvml"),
+        pytest.param(SimpleNamespace(version=0x02000028, free=1), id="struct-of-another-version"),
+    ],
+)
+def test_non_nvml_failure_in_one_field_skips_only_that_field(
+    nvml: FakeNvml, make: Make, caplog: pytest.LogCaptureFixture, fault: object
+) -> None:
+    """A binding that does not match the driver for one call (a ctypes TypeError, a v2 struct without
+    `used`) is that field's problem: before, the first discarded the GPU's whole reading every round and
+    the second killed the reader thread."""
+    if isinstance(fault, Exception):
+        nvml.raising[(0, "memory")] = fault
+    else:
+        nvml.structs[(0, "memory")] = fault
+    caplog.set_level(logging.DEBUG, logger="governor.metrics.gpu")
+    collector = make()
+    for _ in range(3):
+        families = fresh(collector)
+
+    assert samples(families, "governor_gpu_memory_used_bytes") == {("1",): 20 * 2**30}
+    assert samples(families, "governor_gpu_memory_total_bytes") == {("1",): 24 * 2**30}
+    assert value(families, "governor_gpu_power_watts", "0") == 312.5
+    assert value(families, "governor_gpu_utilization_ratio", "0") == 0.5
+    assert samples(families, "governor_gpu_up") == {("0",): 1.0, ("1",): 1.0}
+    assert value(families, "governor_gpu_available") == 1
+    assert set(samples(families, "governor_gpu_errors")) == {("other", "0")}  # counted, every round
+    assert samples(families, "governor_gpu_errors")[("other", "0")] >= 3
+    assert [r.levelno for r in caplog.records if "field=memory" in r.getMessage()] == [logging.WARNING]
+
+
+def test_gpu_whose_every_field_fails_is_down(nvml: FakeNvml, make: Make) -> None:
+    for call in ("utilization", "memory", "temperature", "power", "power_limit", "energy", "clock", "throttle"):
+        nvml.raising[(1, call)] = RuntimeError("binding broken")
+
+    families = fresh(make())
+
+    assert samples(families, "governor_gpu_up") == {("0",): 1.0, ("1",): 0.0}  # not "up" with nothing to show
+    assert samples(families, "governor_gpu_errors")[("other", "1")] >= 8
 
 
 def test_init_failure_reports_unavailable_and_declares_families(nvml: FakeNvml, make: Make) -> None:

@@ -1,5 +1,6 @@
 """GpuCollector under NVML faults, against the fake NVML: a lost GPU, the driver going away, a call that
-hangs for good, one of two GPUs failing at listing and at reading; the reader's start, idle stop and close."""
+hangs for good, one of two GPUs failing at listing and at reading; close. The reader's life (no stop between
+scrapes, rounds that raise, a killed thread, a busy event loop) is in test_gpu_reader.py."""
 
 from __future__ import annotations
 
@@ -195,17 +196,6 @@ def test_hung_init_never_blocks_a_scrape(nvml: FakeNvml, make: Make) -> None:
 
     release.set()
     assert value(fresh(collector), "governor_gpu_available") == 1
-
-
-def test_reader_stops_when_idle_and_the_next_scrape_restarts_it(nvml: FakeNvml, make: Make) -> None:
-    collector = make(idle_stop=0.2)
-    assert up(fresh(collector)) == {("0",): 1.0, ("1",): 1.0}
-
-    wait_until(lambda: readers(collector) == 0)
-    assert (nvml.init_calls, nvml.shutdown_calls) == (1, 1)  # NVML released with the reader
-
-    assert up(fresh(collector)) == {("0",): 1.0, ("1",): 1.0}
-    assert nvml.init_calls == 2
 
 
 def test_close_releases_nvml_and_returns_despite_a_hung_call(nvml: FakeNvml, make: Make) -> None:

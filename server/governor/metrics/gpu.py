@@ -2,8 +2,12 @@
 
 NVML calls can block in the driver (a GPU falling off the bus, a wedged driver), and the collector's
 `collect()` runs on the event loop during a /metrics scrape. So a dedicated thread reads the GPUs every
-`interval` seconds while Governor is being scraped, and a scrape only renders the last reading with its
-age: it never waits on NVML, and a reading older than `stale_after` marks its GPU down.
+`interval` seconds from `start()` (the app's startup, or the first scrape) until `close()`, and a scrape
+only renders the last reading with its age: it never waits on NVML, and a reading older than
+`stale_after` marks its GPU down. The thread owes nothing to the event loop (a loop busy relaying
+streams does not delay it) and does not stop between scrapes: an earlier version stopped after 300 s
+without a scrape, so a lone scrape after a quiet spell (the H200 run's final scrape) found a reading
+~50 s old and called a healthy GPU down, with no error to say why.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from prometheus_client.registry import Collector
 from governor.metrics.nvml_reader import (
     HUNG_ERROR,
     INIT_RETRY_S,
+    READER_ERROR,
     REINIT_BACKOFF_S,
     THROTTLE_REASONS,
     GpuReading,
@@ -34,13 +39,10 @@ logger = logging.getLogger(__name__)
 _Family = GaugeMetricFamily | CounterMetricFamily
 
 READ_INTERVAL_S = 1.0
-"""How often the background thread reads every GPU while Governor is being scraped."""
+"""How often the background thread reads every GPU (about ten NVML calls per GPU: negligible)."""
 
 STALE_AFTER_S = 10.0
 """A GPU whose last reading is older than this is reported down (its reader is stuck in NVML)."""
-
-IDLE_STOP_S = 300.0
-"""The reader stops (and releases NVML) after this long without a scrape; the next scrape restarts it."""
 
 CLOSE_TIMEOUT_S = 1.0
 """close() waits this long for the reader; one stuck in the driver is left behind (a daemon thread)."""
@@ -70,7 +72,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     ),
     "errors": (
         "governor_gpu_errors",
-        "NVML calls about one GPU that failed, by error (NVML error name in snake case, hung or other).",
+        "NVML calls about one GPU that failed, by error (NVML error name in snake case, hung or other);"
+        " reader_failed counts reading rounds that failed as a whole (gpu empty when no GPU was known yet).",
         "counter",
     ),
     "utilization": (
@@ -122,8 +125,8 @@ class GpuCollector(Collector):
     `output_tokens` returns the total output tokens generated so far (monotonic); with the summed GPU
     energy it gives `governor_gpu_output_tokens_per_joule`. It is called from `collect()` only (the
     gateway's counters belong to the event loop). `nvml` replaces the `pynvml` module (tests), `clock`
-    replaces `time.monotonic` for reading times and ages; `interval`, `stale_after` and `idle_stop` are
-    the reader's period, the age past which a GPU is down, and the scrape-less time after which it stops.
+    replaces `time.monotonic` for reading times and ages; `interval` and `stale_after` are the reader's
+    period and the age past which a GPU is down.
     """
 
     def __init__(
@@ -134,7 +137,6 @@ class GpuCollector(Collector):
         clock: Callable[[], float] = time.monotonic,
         interval: float = READ_INTERVAL_S,
         stale_after: float = STALE_AFTER_S,
-        idle_stop: float = IDLE_STOP_S,
         init_retry: float = INIT_RETRY_S,
         reinit_backoff: tuple[float, float] = REINIT_BACKOFF_S,
     ) -> None:
@@ -142,13 +144,11 @@ class GpuCollector(Collector):
         self._clock = clock
         self.interval = interval
         self.stale_after = stale_after
-        self.idle_stop = idle_stop
         self._reader = NvmlReader(nvml, clock, self._set_busy, init_retry=init_retry, reinit_backoff=reinit_backoff)
         self._lock = threading.Lock()  # guards what the reader publishes; never held across an NVML call
         self._thread: threading.Thread | None = None
         self.thread_name = f"governor-gpu-reader-{id(self):x}"  # tells this collector's reader apart (tests, py-spy)
         self._stop = threading.Event()
-        self._last_scrape = 0.0  # time.monotonic(): idling is real time even under a test clock
         self._round: Round | None = None
         self._rounds = 0
         self._busy: tuple[float, int | None] | None = None  # (since, gpu) of the calls in flight
@@ -196,11 +196,11 @@ class GpuCollector(Collector):
         yield from families.values()
 
     def start(self) -> None:
-        """Start the reader unless one runs (a scrape calls this). At most one is ever in flight: one stuck
-        in the driver keeps its place, and no second thread piles up behind it."""
+        """Start the reader unless one runs (startup and every scrape call this, so a reader that died is
+        replaced). At most one is ever in flight: one stuck in the driver is alive and keeps its place, and
+        no second thread piles up behind it."""
         with self._lock:
-            self._last_scrape = time.monotonic()
-            if self._thread is not None:
+            if self._thread is not None and self._thread.is_alive():
                 return
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(self._stop,), name=self.thread_name, daemon=True)
@@ -220,25 +220,26 @@ class GpuCollector(Collector):
     def _run(self, stop: threading.Event) -> None:
         try:
             while True:
-                self._publish(self._reader.read())
+                self._publish(self._read_round())
                 if stop.wait(self.interval):
                     return
-                if self._idle():
-                    self._reader.shutdown()  # before giving up the slot: never two threads in NVML
-                    with self._lock:
-                        if self._idle():
-                            self._thread = None
-                            return
-        except Exception:  # a bug here must not kill the reader silently and leave stale series
-            logger.exception("GPU reader failed")
         finally:
             self._reader.shutdown()
             with self._lock:
                 if self._thread is threading.current_thread():
                     self._thread = None
+                if not stop.is_set():  # killed by a BaseException: the next scrape starts another; say so
+                    self._errors[("", READER_ERROR)] = self._errors.get(("", READER_ERROR), 0) + 1
 
-    def _idle(self) -> bool:
-        return time.monotonic() - self._last_scrape >= self.idle_stop
+    def _read_round(self) -> Round:
+        # A round that raises (a bug, a binding that does not match the driver) is published as every GPU
+        # down with the failure counted, and the next round tries again: the thread never dies of it and
+        # never leaves a reading to go stale without a word.
+        try:
+            return self._reader.read()
+        except Exception as exc:
+            self._reader.log_once(("round", repr(exc)), logging.ERROR, "GPU reading failed error=%r", exc, trace=True)
+            return self._reader.failed_round()
 
     def _publish(self, result: Round) -> None:
         with self._lock:

@@ -34,12 +34,15 @@ ERROR_NAMES: dict[int, str] = {
 }  # fmt: skip
 OTHER_ERROR = "other"  # not an NVMLError, or a code newer than this table
 HUNG_ERROR = "hung"  # a call that has not returned within the collector's staleness bound
+READER_ERROR = "reader_failed"  # a whole round raised (a bug, a broken binding): every GPU down for it
 
-# Errors that concern one field of a working GPU (the field is skipped, the GPU stays up).
+# Errors that concern one field of a working GPU (the field is skipped, the rest of the reading is kept).
+# `other` is here too: a TypeError or a struct without the expected attribute is a binding that does not
+# match this field (pynvml/driver versions), not a GPU fault; treating it as one hid every value.
 # Anything else marks the GPU down for that reading and skips its remaining calls.
 FIELD_ERRORS = frozenset({
     "not_supported", "no_permission", "invalid_argument", "function_not_found", "not_found", "no_data",
-    "insufficient_size", "argument_version_mismatch", "deprecated",
+    "insufficient_size", "argument_version_mismatch", "deprecated", OTHER_ERROR,
 })  # fmt: skip
 # Errors that handles obtained before them will not recover from: NVML is shut down and initialised again.
 REINIT_ERRORS = frozenset({"gpu_is_lost", "uninitialized", "driver_not_loaded"})
@@ -111,9 +114,17 @@ class _GpuFailed(Exception):
         self.error = error
 
 
+def _utilization(util: Any) -> dict[str, float]:
+    return {"utilization": util.gpu / 100.0, "memory_utilization": util.memory / 100.0}
+
+
+def _memory(mem: Any) -> dict[str, float]:
+    return {"memory_used": float(mem.used), "memory_total": float(mem.total)}
+
+
 def _text(value: str | bytes) -> str:
     # pynvml < 11.5 returns bytes for names and UUIDs.
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class NvmlReader:
@@ -190,7 +201,7 @@ class NvmlReader:
         try:
             self._nvml.nvmlShutdown()
         except Exception as exc:
-            self._log_once(("shutdown", str(exc)), logging.DEBUG, "NVML shutdown failed error=%s", exc)
+            self.log_once(("shutdown", str(exc)), logging.DEBUG, "NVML shutdown failed error=%s", exc)
 
     def _try_open(self, now: float) -> bool:
         if self._next_init_at is not None and now < self._next_init_at:
@@ -200,7 +211,7 @@ class NvmlReader:
                 self._nvml = importlib.import_module("pynvml")
             except ImportError as exc:
                 self._next_init_at = now + self._init_retry
-                self._log_once(("import",), logging.INFO, "GPU metrics disabled: pynvml not importable error=%s", exc)
+                self.log_once(("import",), logging.INFO, "GPU metrics disabled: pynvml not importable error=%s", exc)
                 return False
         nvml = self._nvml
         self._busy(None, False)
@@ -236,7 +247,7 @@ class NvmlReader:
             self._delay = min(self._delay * 2, self._backoff_max)
         self._next_init_at = now + retry
         level = logging.WARNING if self._ever_opened else logging.INFO
-        self._log_once(
+        self.log_once(
             (step, str(exc)), level, "GPU metrics unavailable: NVML %s failed error=%s retry_s=%.0f", step, exc, retry
         )
         return False
@@ -248,49 +259,74 @@ class NvmlReader:
             if index in self._handles:
                 gpu, handle = self._handles[index]
             else:
-                handle = self._call(index, "handle", errors, nvml.nvmlDeviceGetHandleByIndex, index)
-                name = _text(self._call(index, "name", errors, nvml.nvmlDeviceGetName, handle))
-                uuid = _text(self._call(index, "uuid", errors, nvml.nvmlDeviceGetUUID, handle))
+                handle = self._call(index, "handle", errors, None, None, nvml.nvmlDeviceGetHandleByIndex, index)
+                name = self._call(index, "name", errors, None, _text, nvml.nvmlDeviceGetName, handle)
+                uuid = self._call(index, "uuid", errors, None, _text, nvml.nvmlDeviceGetUUID, handle)
                 gpu = GpuId(index, name, uuid)
                 self._handles[index] = (gpu, handle)
                 self._known[index] = gpu
             values: dict[str, float] = {}
-            util = self._call(index, "utilization", errors, nvml.nvmlDeviceGetUtilizationRates, handle)
-            if util is not None:
-                values["utilization"] = util.gpu / 100.0
-                values["memory_utilization"] = util.memory / 100.0
-            mem = self._call(index, "memory", errors, nvml.nvmlDeviceGetMemoryInfo, handle)
-            if mem is not None:
-                values["memory_used"] = float(mem.used)
-                values["memory_total"] = float(mem.total)
+            skipped: list[str] = []
+            # Each field is called and converted under one guard, so a field that fails in any way
+            # costs only its own samples.
+            for what, convert, function in (
+                ("utilization", _utilization, nvml.nvmlDeviceGetUtilizationRates),
+                ("memory", _memory, nvml.nvmlDeviceGetMemoryInfo),
+            ):
+                values.update(self._call(index, what, errors, skipped, convert, function, handle) or {})
             for key, function, args, factor in self._scalars:
-                raw = self._call(index, key, errors, function, handle, *args)
+                raw = self._call(index, key, errors, skipped, float, function, handle, *args)
                 if raw is not None:
                     values[key] = raw * factor
-            mask = self._call(index, "throttle", errors, self._throttle_fn, handle) if self._throttle_fn else None
+            mask = None
+            if self._throttle_fn is not None:
+                mask = self._call(index, "throttle", errors, skipped, int, self._throttle_fn, handle)
         except _GpuFailed as failed:
             if failed.error in REINIT_ERRORS:
                 self._handles.pop(index, None)
             return self._down(self._known.get(index, GpuId(index)), now, failed.error)
+        faults = [error for error in skipped if error != "not_supported"]
+        if not values and mask is None and faults:  # every field failed: calling this GPU up would hide it
+            return self._down(gpu, now, faults[-1])
         self._mark(index, True, "")
-        return GpuReading(gpu, now, True, values, None if mask is None else int(mask))
+        return GpuReading(gpu, now, True, values, mask)
 
-    def _call(self, index: int, what: str, errors: list[tuple[str, str]], function: Any, *args: Any) -> Any:
-        """`function(*args)`; None when the field is unavailable, `_GpuFailed` when the GPU is."""
+    def _call(
+        self,
+        index: int,
+        what: str,
+        errors: list[tuple[str, str]],
+        skipped: list[str] | None,
+        convert: Callable[[Any], Any] | None,
+        function: Any,
+        *args: Any,
+    ) -> Any:
+        """`convert(function(*args))`; None when the field is unavailable (its error goes to `skipped`),
+        `_GpuFailed` when the GPU is. `skipped` None: an identity call (handle, name, uuid), never field-only."""
         try:
-            return function(*args)
+            raw = function(*args)
+            return raw if convert is None else convert(raw)
         except Exception as exc:
             error = self.error_name(exc)
             if error != "not_supported":
                 errors.append((str(index), error))
-            field_only = error in FIELD_ERRORS and what not in ("handle", "name", "uuid")
-            if not field_only:
+            if error not in FIELD_ERRORS or skipped is None:
                 raise _GpuFailed(error) from exc
-            # NotSupported is a property of the GPU model, not a fault worth a warning.
-            level = logging.DEBUG if error == "not_supported" else logging.WARNING
-            self._log_once(("field", what, error), level, "GPU metric skipped: field=%s gpu=%d error=%s",
-                           what, index, exc)  # fmt: skip
+            skipped.append(error)
+            # NotSupported is a property of the GPU model (said once, at INFO so it shows in a serve log),
+            # not a fault; anything else is counted in governor_gpu_errors_total and warned about once.
+            level = logging.INFO if error == "not_supported" else logging.WARNING
+            self.log_once(("field", what, error), level, "GPU metric skipped: field=%s gpu=%d error=%s (%r)",
+                           what, index, error, exc)  # fmt: skip
             return None
+
+    def failed_round(self, error: str = READER_ERROR) -> Round:
+        """The round published when `read()` itself raised: every known GPU down, the failure counted."""
+        now = self._clock()
+        self._busy(None, True)  # the raise may have left a GPU marked busy: it is not hung
+        gpus = list(self._known.values())
+        readings = [self._down(gpu, now, error) for gpu in gpus]
+        return Round(now, False, readings, [(str(gpu.index), error) for gpu in gpus] or [("", error)])
 
     def error_name(self, exc: BaseException) -> str:
         """The bounded `error` label for an exception from an NVML call."""
@@ -315,7 +351,8 @@ class NvmlReader:
             logger.warning("GPU down gpu=%d error=%s", index, error)
         self._up[index] = up
 
-    def _log_once(self, kind: tuple[str, ...], level: int, msg: str, *args: Any) -> None:
+    def log_once(self, kind: tuple[str, ...], level: int, msg: str, *args: Any, trace: bool = False) -> None:
+        """Log `msg` the first time `kind` is seen (with the current traceback if `trace`)."""
         if kind not in self._logged:
             self._logged.add(kind)
-            logger.log(level, msg, *args)
+            logger.log(level, msg, *args, exc_info=trace)

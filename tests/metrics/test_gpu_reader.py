@@ -1,0 +1,152 @@
+"""The GPU reader's life against the fake NVML: it reads from start() to close() whether or not anyone
+scrapes, a round that raises is published as a counted failure, a killed thread is replaced and counted,
+and neither a slow NVML call nor a busy event loop stops readings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from governor.metrics.gpu import GpuCollector
+from tests.metrics.fake_nvml import FakeNvml, fresh, samples, scrape, value, wait_until
+
+Make = Callable[..., GpuCollector]
+
+
+def up(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    return samples(families, "governor_gpu_up")
+
+
+def errors(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    return samples(families, "governor_gpu_errors")
+
+
+def readers(collector: GpuCollector) -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == collector.thread_name)
+
+
+def test_a_lone_scrape_after_a_quiet_spell_finds_a_fresh_reading(make: Make) -> None:
+    """The H200 run: a scrape at startup, none for ~6 minutes, then one. The reader used to stop 300 s after
+    the last scrape, so that scrape rendered a ~50 s old reading: GPU down, no values, no error counted."""
+    collector = make(clock=time.monotonic, stale_after=0.2)
+    scrape(collector)  # starts the reader, as the smoke check's scrape did
+    quiet_from = collector.rounds
+    wait_until(lambda: collector.rounds >= quiet_from + 50)  # >= 0.5 s of 10 ms rounds, no scrape meanwhile
+
+    families = scrape(collector)  # one scrape, no waiting for the reader
+
+    assert up(families) == {("0",): 1.0, ("1",): 1.0}
+    assert value(families, "governor_gpu_available") == 1
+    assert all(age < 0.2 for age in samples(families, "governor_gpu_reading_age_seconds").values())
+    assert samples(families, "governor_gpu_power_watts") == {("0",): 312.5, ("1",): 72.0}
+    assert errors(families) == {}
+
+
+def test_started_reader_has_a_reading_for_the_first_scrape(make: Make) -> None:
+    """The app starts the reader at startup, so its first scrape is not an empty `available 0`."""
+    collector = make()
+    collector.start()
+    wait_until(lambda: collector.rounds >= 1)
+
+    families = scrape(collector)
+
+    assert value(families, "governor_gpu_available") == 1
+    assert up(families) == {("0",): 1.0, ("1",): 1.0}
+
+
+class FakeNvmlBrokenRound(FakeNvml):
+    """A binding that breaks outside any one NVML call (looking up its utilization function raises while
+    `broken`), so a whole reading round raises."""
+
+    broken = True
+
+    @property
+    def nvmlDeviceGetUtilizationRates(self) -> Any:  # type: ignore[override]
+        if self.broken:
+            raise AttributeError("nvmlDeviceGetUtilizationRates")
+        return FakeNvml.nvmlDeviceGetUtilizationRates.__get__(self)
+
+
+def test_round_that_raises_is_counted_and_reading_resumes(make: Make, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="governor.metrics.gpu")
+    nvml = FakeNvmlBrokenRound()
+    collector = make(nvml=nvml)
+
+    for _ in range(3):  # rounds keep coming: the thread did not die (before, it did, and rounds stopped)
+        families = fresh(collector)
+    assert value(families, "governor_gpu_available") == 0
+    assert up(families) == {("0",): 0.0}  # identified before the raise; GPU 1 never was
+    assert set(errors(families)) == {("reader_failed", "0")}
+    assert errors(families)[("reader_failed", "0")] >= 3
+    failed = [r for r in caplog.records if "GPU reading failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR and failed[0].exc_info
+
+    nvml.broken = False
+    families = fresh(collector)
+    assert up(families) == {("0",): 1.0, ("1",): 1.0}
+    assert value(families, "governor_gpu_available") == 1
+    assert readers(collector) == 1
+
+
+class FakeThreadKill(BaseException):
+    """Not an Exception: ends the reader thread the way nothing in the reader can catch."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_killed_reader_is_counted_and_the_next_scrape_replaces_it(nvml: FakeNvml, make: Make) -> None:
+    nvml.raising[(0, "power")] = FakeThreadKill()
+    collector = make()
+    collector.start()
+    wait_until(lambda: readers(collector) == 0)
+
+    del nvml.raising[(0, "power")]
+    families = scrape(collector)  # sees the death and starts a new reader
+    assert errors(families) == {("reader_failed", ""): 1.0}
+    assert value(families, "governor_gpu_available") == 0
+
+    families = fresh(collector)
+    assert up(families) == {("0",): 1.0, ("1",): 1.0}
+    assert readers(collector) == 1
+
+
+def test_slow_call_delays_only_the_reading(nvml: FakeNvml, make: Make) -> None:
+    nvml.slow[(0, "power")] = 0.05  # slow, not hung: well inside the staleness bound
+    collector = make(clock=time.monotonic, stale_after=2.0)
+
+    for _ in range(3):
+        families = fresh(collector)
+
+    assert up(families) == {("0",): 1.0, ("1",): 1.0}
+    assert value(families, "governor_gpu_power_watts", "0") == 312.5
+    assert errors(families) == {}  # no `hung`
+
+
+def test_readings_continue_while_the_event_loop_is_busy(make: Make) -> None:
+    """The reader is a thread, not a task: an event loop that never idles (the H200 run relayed ~800
+    streams) still gets readings, since the reader only needs the GIL between NVML calls."""
+    collector = make(clock=time.monotonic, stale_after=0.5)
+    collector.start()
+    wait_until(lambda: collector.rounds >= 1)
+    start = collector.rounds
+    deadline = time.monotonic() + 10.0
+
+    async def relay() -> None:  # CPU work per event and never a real wait, like a saturated relay
+        while collector.rounds < start + 20 and time.monotonic() < deadline:
+            sum(range(2000))
+            await asyncio.sleep(0)
+
+    async def busy_loop() -> None:
+        await asyncio.gather(*(relay() for _ in range(200)))
+
+    asyncio.run(busy_loop())
+
+    assert collector.rounds >= start + 20  # reached while the loop was busy, not after
+    families = scrape(collector)
+    assert value(families, "governor_gpu_available") == 1
+    assert all(age < 0.5 for age in samples(families, "governor_gpu_reading_age_seconds").values())
