@@ -46,6 +46,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gpu.start()  # read from startup, not from the first scrape: that scrape then has a reading
         await pool.start()
         if registry is not None:
             await registry.start()

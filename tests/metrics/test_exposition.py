@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 
 from aiohttp import web
@@ -212,3 +213,14 @@ async def test_metrics_answer_when_the_engine_is_down(gateway: GatewayFactory) -
     for line in r.text.rstrip("\n").split("\n"):
         assert EXPOSITION_LINE.fullmatch(line), line
     assert sample_value(found["governor_gpu_available"]) in (0.0, 1.0)
+
+
+def gpu_readers() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith("governor-gpu-reader-"))
+
+
+async def test_gpu_reader_runs_from_startup_not_from_the_first_scrape(gateway: GatewayFactory) -> None:  # noqa: F811
+    """The H200 run's first scrape found no reading: the reader only started with it. The app starts it."""
+    before = gpu_readers()
+    await gateway()  # startup (lifespan) only: no request, no scrape
+    assert gpu_readers() == before + 1
