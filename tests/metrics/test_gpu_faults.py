@@ -193,6 +193,8 @@ def test_hung_init_never_blocks_a_scrape(nvml: FakeNvml, make: Make) -> None:
     assert nvml.entered.wait(5.0)
     assert value(timed_scrape(collector), "governor_gpu_available") == 0
     assert families["governor_gpu_up"].samples == []
+    wait_until(lambda: errors(timed_scrape(collector)) == {("hung", ""): 1.0})  # said, not silently empty
+    assert errors(timed_scrape(collector)) == {("hung", ""): 1.0}  # once per stuck call
 
     release.set()
     assert value(fresh(collector), "governor_gpu_available") == 1

@@ -73,7 +73,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "errors": (
         "governor_gpu_errors",
         "NVML calls about one GPU that failed, by error (NVML error name in snake case, hung or other);"
-        " reader_failed counts reading rounds that failed as a whole (gpu empty when no GPU was known yet).",
+        " reader_failed counts reading rounds that failed as a whole; gpu is empty for NVML-level calls"
+        " (a hung init) and for a round that failed before any GPU was known.",
         "counter",
     ),
     "utilization": (
@@ -261,8 +262,8 @@ class GpuCollector(Collector):
         self._hung_since = busy[0]
         gpu = "" if busy[1] is None else str(busy[1])
         logger.warning("NVML call hung gpu=%s for_s=%.1f", gpu or "none", now - busy[0])
-        if busy[1] is not None:
-            self._errors[(gpu, HUNG_ERROR)] = self._errors.get((gpu, HUNG_ERROR), 0) + 1
+        # Counted for NVML-level calls too (gpu=""): a hung init otherwise left available 0 with no error.
+        self._errors[(gpu, HUNG_ERROR)] = self._errors.get((gpu, HUNG_ERROR), 0) + 1
 
     def _update_efficiency(self, at: float, energy_j: dict[int, float]) -> float:
         """Tokens per joule between the baseline and the reading taken `at` (tokens counted at this scrape)."""
