@@ -239,7 +239,10 @@ class GpuCollector(Collector):
         try:
             return self._reader.read()
         except Exception as exc:
-            self._reader.log_once(("round", repr(exc)), logging.ERROR, "GPU reading failed error=%r", exc, trace=True)
+            # Keyed by type: a message carrying per-round details must not log once a second.
+            self._reader.log_once(
+                ("round", type(exc).__name__), logging.ERROR, "GPU reading failed error=%r", exc, trace=True
+            )
             return self._reader.failed_round()
 
     def _publish(self, result: Round) -> None:
