@@ -34,16 +34,16 @@ def readers(collector: GpuCollector) -> int:
 def test_a_lone_scrape_after_a_quiet_spell_finds_a_fresh_reading(make: Make) -> None:
     """The H200 run: a scrape at startup, none for ~6 minutes, then one. The reader used to stop 300 s after
     the last scrape, so that scrape rendered a ~50 s old reading: GPU down, no values, no error counted."""
-    collector = make(clock=time.monotonic, stale_after=0.2)
+    collector = make(clock=time.monotonic, stale_after=0.5)
     scrape(collector)  # starts the reader, as the smoke check's scrape did
     quiet_from = collector.rounds
-    wait_until(lambda: collector.rounds >= quiet_from + 50)  # >= 0.5 s of 10 ms rounds, no scrape meanwhile
+    wait_until(lambda: collector.rounds >= quiet_from + 100)  # >= 1 s of 10 ms rounds, no scrape meanwhile
 
     families = scrape(collector)  # one scrape, no waiting for the reader
 
     assert up(families) == {("0",): 1.0, ("1",): 1.0}
     assert value(families, "governor_gpu_available") == 1
-    assert all(age < 0.2 for age in samples(families, "governor_gpu_reading_age_seconds").values())
+    assert all(age < 0.5 for age in samples(families, "governor_gpu_reading_age_seconds").values())
     assert samples(families, "governor_gpu_power_watts") == {("0",): 312.5, ("1",): 72.0}
     assert errors(families) == {}
 
@@ -130,7 +130,7 @@ def test_slow_call_delays_only_the_reading(nvml: FakeNvml, make: Make) -> None:
 def test_readings_continue_while_the_event_loop_is_busy(make: Make) -> None:
     """The reader is a thread, not a task: an event loop that never idles (the H200 run relayed ~800
     streams) still gets readings, since the reader only needs the GIL between NVML calls."""
-    collector = make(clock=time.monotonic, stale_after=0.5)
+    collector = make(clock=time.monotonic, stale_after=2.0)
     collector.start()
     wait_until(lambda: collector.rounds >= 1)
     start = collector.rounds
@@ -149,4 +149,4 @@ def test_readings_continue_while_the_event_loop_is_busy(make: Make) -> None:
     assert collector.rounds >= start + 20  # reached while the loop was busy, not after
     families = scrape(collector)
     assert value(families, "governor_gpu_available") == 1
-    assert all(age < 0.5 for age in samples(families, "governor_gpu_reading_age_seconds").values())
+    assert all(age < 2.0 for age in samples(families, "governor_gpu_reading_age_seconds").values())
