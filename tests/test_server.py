@@ -5,6 +5,7 @@ stream completes, then the process exits 0."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -52,3 +53,17 @@ def test_sigterm_drains(monkeypatch: object) -> None:
             assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
         assert proc.wait(60) == 0
         assert time.monotonic() - sent >= 2.0
+
+
+def test_an_idle_client_connection_outlives_common_client_pools() -> None:
+    """A pooled client connection idle for 6 s (uvicorn's default keeps one 5 s; aiohttp pools them 15 s)
+    must still work: a server that closes first races the client's reuse and drops its next request."""
+    with fake_backed_governor() as url:
+        host, port = url.removeprefix("http://").split(":")
+        request = f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n".encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(6)
+            sock.sendall(request)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "the idle connection was closed"

@@ -71,6 +71,7 @@ def run(settings: Settings) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         log_level="warning", access_log=False, timeout_graceful_shutdown=int(settings.request_timeout),
+        timeout_keep_alive=settings.keep_alive_seconds,
     )  # fmt: skip
     server = DrainingServer(config, pool, settings.drain_seconds, settings.request_timeout)
     log.info("Governor listening on %s; the engine is warming up (first start compiles, ~1-3 min)", url)

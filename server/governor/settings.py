@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     default_preset: str = Field("balanced", description="Decoding preset used when a request names none.")
     presets_file: Path | None = Field(None, description="JSON file with user-defined presets.")
     ready_cache_seconds: float = Field(2.0, ge=0, description="How long /ready reuses its generation probe.")
+    keep_alive_seconds: int = Field(
+        75, ge=1,
+        description="How long an idle client connection stays open; longer than clients and proxies keep theirs "
+        "(aiohttp 15 s, nginx and cloud load balancers 60 s), so they close first and never reuse a closed one.",
+    )  # fmt: skip
     drain_seconds: float = Field(5.0, ge=0, description="On SIGTERM: seconds /ready is 503 before the listener closes.")
 
     @field_validator("engine_url", "api_keys", "allow_engine_fields", "allow_fields", mode="before")
