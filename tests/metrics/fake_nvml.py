@@ -227,3 +227,16 @@ def value(families: dict[str, Any], family: str, gpu: str | None = None) -> floa
 
 def labels(families: dict[str, Any], family: str) -> list[dict[str, str]]:
     return [dict(s.labels) for s in families[family].samples]
+
+
+def up(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    return samples(families, "governor_gpu_up")
+
+
+def errors(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    return samples(families, "governor_gpu_errors")
+
+
+def readers(collector: Any) -> int:
+    """This collector's reader threads alive (a stuck one included)."""
+    return sum(1 for thread in threading.enumerate() if thread.name == collector.thread_name)

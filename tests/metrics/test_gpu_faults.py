@@ -20,10 +20,13 @@ from tests.metrics.fake_nvml import (
     UNKNOWN,
     Clock,
     FakeNvml,
+    errors,
     fresh,
     labels,
+    readers,
     samples,
     scrape,
+    up,
     value,
     wait_until,
 )
@@ -31,19 +34,6 @@ from tests.metrics.fake_nvml import (
 Make = Callable[..., GpuCollector]
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 SCRAPE_DEADLINE_S = 1.0  # behavioural: a scrape that waited on the hung call would take forever
-
-
-def up(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
-    return samples(families, "governor_gpu_up")
-
-
-def errors(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
-    return samples(families, "governor_gpu_errors")
-
-
-def readers(collector: GpuCollector) -> int:
-    """This collector's reader threads alive (a stuck one included)."""
-    return sum(1 for thread in threading.enumerate() if thread.name == collector.thread_name)
 
 
 def timed_scrape(collector: GpuCollector) -> dict[str, Any]:

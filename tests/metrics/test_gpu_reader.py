@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +13,9 @@ from typing import Any
 import pytest
 
 from governor.metrics.gpu import GpuCollector
-from tests.metrics.fake_nvml import FakeNvml, fresh, samples, scrape, value, wait_until
+from tests.metrics.fake_nvml import FakeNvml, errors, fresh, readers, samples, scrape, up, value, wait_until
 
 Make = Callable[..., GpuCollector]
-
-
-def up(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
-    return samples(families, "governor_gpu_up")
-
-
-def errors(families: dict[str, Any]) -> dict[tuple[str, ...], float]:
-    return samples(families, "governor_gpu_errors")
-
-
-def readers(collector: GpuCollector) -> int:
-    return sum(1 for thread in threading.enumerate() if thread.name == collector.thread_name)
 
 
 def test_a_lone_scrape_after_a_quiet_spell_finds_a_fresh_reading(make: Make) -> None:
