@@ -147,3 +147,20 @@ def test_matches_reference_with_a_model_sized_vocabulary(seed: int) -> None:
     # Wide logits take the CPU path that points penalty-free cells at column 0.
     vocab = 5000
     random_session(make_processor(DRYLogitsProcessor, vocab), dry_reference, random_dry_args, seed, vocab=vocab)
+
+
+def test_ranges_longer_than_the_cap_cut_only_where_they_bite() -> None:
+    # Ranges above MAX_MATCH_LENGTH: the cut applies to the first columns of the window only.
+    rng = random.Random(7)
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=3)
+    ranges = (60, 90, 0)
+    requests = [sim.add(i, {"gov_dry_multiplier": 1.0, "gov_dry_allowed_length": 1, "gov_dry_range": r}, [1, 2, 3] * 5)
+                for i, r in enumerate(ranges)]  # fmt: skip
+    sim.flush()
+    for step in range(220):
+        for request in requests:
+            # Long verbatim repeats (matches past the cap) with the odd new token.
+            out = request.prompt + request.output
+            request.output.append(out[-3] if step % 37 else rng.randrange(VOCAB))
+        sim.flush()
+        sim.check(dry_reference, rng, VOCAB)

@@ -78,3 +78,11 @@ def test_window_forgets_old_ngrams() -> None:
     logits = torch.zeros(1, VOCAB)
     sim.processor.apply(logits)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_matches_reference_with_a_model_sized_vocabulary(seed: int) -> None:
+    # Wide logits take the CPU path that points cells that ban nothing at column 0.
+    vocab = 5000
+    processor = make_processor(NoRepeatNGramLogitsProcessor, vocab)
+    random_session(processor, ngram_reference, random_ngram_args, seed, vocab=vocab)

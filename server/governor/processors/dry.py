@@ -116,15 +116,18 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
         if match is None:
             return
         now = step.now
-        length = match
-        if self._narrowest - width < MAX_MATCH_LENGTH:
-            # The match may not reach back before the range's start (reference: the context is cut
-            # there): at column now - width + j it may count at most j - width + range tokens.
+        length = match.long()  # gather's index type
+        # The match may not reach back before the range's start (reference: the context is cut
+        # there): at column now - width + j it may count at most j - width + range tokens, which
+        # only bites (is below the cap) in the first MAX_MATCH_LENGTH + width - range columns.
+        near = min(width, MAX_MATCH_LENGTH + width - self._narrowest)
+        if near > 0:
             reach = self.per_slot(self.range).unsqueeze(1) - width
-            length = torch.minimum(match, self._columns[:width] + reach).clamp_(min=0)
+            cut = length[:, :near]
+            torch.minimum(cut, self._columns[:near] + reach, out=cut).clamp_(min=0)
         # The token after each earlier occurrence: the candidate that would extend the repeat.
         tokens, alive = self.targets(logits, now - width + 1, now + 1)
-        penalty = self.per_slot(self.scale).gather(1, length.long()).mul_(alive)
+        penalty = self.per_slot(self.scale).gather(1, length).mul_(alive)
         if self._bans:
             # A ban (inf) times a dead cell (0) is nan: that cell has nothing to lower.
             penalty.nan_to_num_(nan=0.0, posinf=math.inf)

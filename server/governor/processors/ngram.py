@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 _UNBOUNDED = 1 << 30
+_SCATTERED_VOCAB = 4096  # logits rows wider than the CPU caches hold comfortably
 _MAX_CAP = 32767  # the match state is int16; an n-gram longer than that never fits a context anyway
 
 
@@ -94,6 +95,10 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
         banned = (match - self.per_slot(self.need).unsqueeze(1)).add_(1).clamp_(0, 1) * alive
         if self._narrowest < width:
             banned *= self._columns[:width] >= (width - self.per_slot(self.reach)).unsqueeze(1)
+        if self.device.type == "cpu" and logits.shape[-1] >= _SCATTERED_VOCAB:
+            # Almost no cell bans: pointing the others at column 0 keeps the scatter in cache (as in
+            # DRY; not on a GPU, where thousands of atomics on one address per row would serialise).
+            tokens = tokens * (banned > 0)  # not in place: a one-row window is a view of the plane
         # (0.5 - 1) * inf = -inf bans, (0.5 - 0) * inf = +inf leaves the logit as it is.
         values = banned.sub_(0.5).mul_(-math.inf)
         self.lower_logits(logits, tokens, values.to(logits.dtype))
