@@ -19,14 +19,12 @@ import torch
 from vllm import SamplingParams
 
 from governor.processors.extra_args import NGramConfig, parse_ngram
-from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step, grown
+from governor.processors.slots import UNBOUNDED, BatchedLogitsProcessor, SlotRow, Step, grown
 from governor.processors.suffix_match import SuffixMatch
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-_UNBOUNDED = 1 << 30
-_SCATTERED_VOCAB = 4096  # logits rows wider than the CPU caches hold comfortably
 _MAX_CAP = 32767  # the match state is int16; an n-gram longer than that never fits a context anyway
 
 
@@ -42,9 +40,8 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
         self.need = torch.zeros(0, dtype=torch.int16, device=self.device)  # n - 1
         self.reach = torch.zeros(0, dtype=torch.int32, device=self.device)  # window - (n - 1)
         self._seen_layout = -1
-        self._widest = self._narrowest = _UNBOUNDED  # the largest and smallest reach among the rows
+        self._widest = self._narrowest = UNBOUNDED  # the largest and smallest reach among the rows
         self._cap = 0  # the largest n - 1 among the rows
-        self._columns = torch.zeros(0, dtype=torch.int32, device=self.device)  # 0, 1, 2, …
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -62,13 +59,11 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
         if slots > self.need.shape[0]:
             self.need = grown(self.need, (slots,))
             self.reach = grown(self.reach, (slots,))
-        if columns > self._columns.shape[0]:
-            self._columns = torch.arange(columns, dtype=torch.int32, device=self.device)
 
     @staticmethod
     def _reach(config: NGramConfig) -> int:
         # The n-gram after column c starts at c - (n - 2): inside a window w iff c >= now - (w - (n - 1)).
-        return min(config.window or _UNBOUNDED, _UNBOUNDED) - min(config.size - 1, _MAX_CAP)
+        return min(config.window or UNBOUNDED, UNBOUNDED) - min(config.size - 1, _MAX_CAP)
 
     def configure(self, rows: list[SlotRow]) -> None:
         ints = [row.slot for row in rows] + [min(row.config.size - 1, _MAX_CAP) for row in rows]
@@ -94,11 +89,8 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
         # 1 where the n-gram repeats: the prefix matched n - 1 tokens (int16 arithmetic, no masks).
         banned = (match - self.per_slot(self.need).unsqueeze(1)).add_(1).clamp_(0, 1) * alive
         if self._narrowest < width:
-            banned *= self._columns[:width] >= (width - self.per_slot(self.reach)).unsqueeze(1)
-        if self.device.type == "cpu" and logits.shape[-1] >= _SCATTERED_VOCAB:
-            # Almost no cell bans: pointing the others at column 0 keeps the scatter in cache (as in
-            # DRY; not on a GPU, where thousands of atomics on one address per row would serialise).
-            tokens = tokens * (banned > 0)  # not in place: a one-row window is a view of the plane
+            banned *= self.columns[:width] >= (width - self.per_slot(self.reach)).unsqueeze(1)
+        tokens = self.cache_friendly(logits, tokens, banned)  # almost no cell bans
         # (0.5 - 1) * inf = -inf bans, (0.5 - 0) * inf = +inf leaves the logit as it is.
         values = banned.sub_(0.5).mul_(-math.inf)
         self.lower_logits(logits, tokens, values.to(logits.dtype))

@@ -42,6 +42,8 @@ EMPTY = -1  # before a request's first token (and "skip" for the windowed penalt
 BREAK = -2  # a DRY sequence breaker in the history
 NEVER = -3  # compared against, matches no cell
 OUTSIDE_BASE = -4
+UNBOUNDED = 1 << 30  # a range or window of 0 (none): wider than any context, still an int32
+SCATTERED_VOCAB = 4096  # logits rows wider than the CPU caches hold comfortably
 
 
 @dataclass(slots=True)
@@ -129,6 +131,7 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self.history = torch.full((0, 0), EMPTY, dtype=torch.int32, device=self.device)
         self.index = torch.zeros((0, 0), dtype=torch.int64, device=self.device)
         self.alive = torch.zeros((0, 0), dtype=torch.float32, device=self.device)
+        self.columns = torch.zeros(0, dtype=torch.int32, device=self.device)  # 0, 1, 2, … per history column
         self.now = 0
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -242,6 +245,15 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         if width >= self.vocab_size:
             return tokens, alive
         return tokens.clamp(max=width - 1), alive * (tokens < width)
+
+    def cache_friendly(self, logits: torch.Tensor, tokens: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+        """On CPU with a wide vocabulary, cells ``hit`` leaves at 0 (nothing to lower) point at column 0:
+        the gather and scatter then stay in cache (~2x at 1k rows x 2k context x 49k vocab). Not on a
+        GPU, where thousands of atomics on one address per row would serialise. Not in place: a one-row
+        window is a view of the index plane."""
+        if self.device.type == "cpu" and logits.shape[-1] >= SCATTERED_VOCAB:
+            return tokens * (hit > 0)
+        return tokens
 
     def read_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``logits[row_i, tokens[i, j]]`` for the participating rows."""
@@ -397,6 +409,8 @@ class BatchedLogitsProcessor(RowStateLogitsProcessor[SlotRow]):
         self.history = moved(self.history, shape, src, dst, count, EMPTY)
         self.index = moved(self.index, shape, src, dst, count, 0)
         self.alive = moved(self.alive, shape, src, dst, count, 0.0)
+        if columns > self.columns.shape[0]:
+            self.columns = torch.arange(columns, dtype=torch.int32, device=self.device)
         self.resize_state(slots, columns, src, dst, count)
         return target + advanced
 

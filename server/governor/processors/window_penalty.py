@@ -18,13 +18,11 @@ import torch
 from vllm import SamplingParams
 
 from governor.processors.extra_args import RepPenaltyConfig, parse_rep_penalty
-from governor.processors.slots import EMPTY, BatchedLogitsProcessor, SlotRow, Step, grown, outside_keys
+from governor.processors.slots import EMPTY, UNBOUNDED, BatchedLogitsProcessor, SlotRow, Step, grown, outside_keys
 from governor.processors.token_sets import TokenSets
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-
-_UNBOUNDED = 1 << 30
 
 
 class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
@@ -40,8 +38,7 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
         self.window_of = torch.zeros(0, dtype=torch.int32, device=self.device)
         self.exempt = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._seen_layout = -1
-        self._widest = self._narrowest = _UNBOUNDED  # the largest and smallest window among the rows
-        self._columns = torch.zeros(0, dtype=torch.int32, device=self.device)  # 0, 1, 2, …
+        self._widest = self._narrowest = UNBOUNDED  # the largest and smallest window among the rows
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -59,14 +56,12 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
             self.penalty = grown(self.penalty, (slots,))
             self.window_of = grown(self.window_of, (slots,))
             self.exempt = grown(self.exempt, (slots,))
-        if columns > self._columns.shape[0]:
-            self._columns = torch.arange(columns, dtype=torch.int32, device=self.device)
 
     def configure(self, rows: list[SlotRow]) -> None:
         for row in rows:
             row.token_set = self.sets.acquire(row.config.exempt, self.host_to_device)
         ints = [row.slot for row in rows] + [row.token_set for row in rows]
-        ints += [min(row.config.window or _UNBOUNDED, _UNBOUNDED) for row in rows]
+        ints += [min(row.config.window or UNBOUNDED, UNBOUNDED) for row in rows]
         slots, sets, window = self.host_to_device(ints, torch.int64).split(len(rows))
         self.penalty[slots] = self.host_to_device([row.config.penalty for row in rows], torch.float32)
         self.exempt[slots] = sets
@@ -85,7 +80,7 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
 
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
-            windows = [min(row.config.window or _UNBOUNDED, _UNBOUNDED) for row in self.active]
+            windows = [min(row.config.window or UNBOUNDED, UNBOUNDED) for row in self.active]
             self._widest, self._narrowest = max(windows), min(windows)
             self._seen_layout = self.layout_version
         width = min(step.longest, self._widest)
@@ -93,7 +88,7 @@ class WindowedRepetitionPenaltyLogitsProcessor(BatchedLogitsProcessor):
         tokens, alive = self.targets(logits, start, stop)
         if self._narrowest < width:
             # Rows with a smaller window than the slice: column j is in row i's window iff j >= width - w_i.
-            alive = alive * (self._columns[:width] >= (width - self.per_slot(self.window_of)).unsqueeze(1))
+            alive = alive * (self.columns[:width] >= (width - self.per_slot(self.window_of)).unsqueeze(1))
         values = self.read_logits(logits, tokens)
         # Per cell: the row's penalty where it applies, exactly 1 (no change) elsewhere.
         penalty = (alive * (self.per_slot(self.penalty) - 1.0).unsqueeze(1)).add_(1.0).to(logits.dtype)
