@@ -36,14 +36,18 @@ class OpenFiles:
         return self.soft >= self.needed
 
 
+def engine_count(settings: Settings) -> int:
+    """Remote engines named in ENGINE_URL, else the local ones Governor starts."""
+    return len(settings.engine_url) or settings.engines
+
+
 def fds_needed(settings: Settings) -> int:
     """2 x (max_running + max_queued) per engine, plus FD_MARGIN.
 
     max_running + max_queued is the most requests the pool admits per engine; each holds a client socket
     and an engine socket in the gateway (a local engine's own share, one socket per request, lives in
     its process, which gets this same limit)."""
-    engines = len(settings.engine_url) or settings.engines
-    return 2 * engines * (settings.max_running + settings.max_queued) + FD_MARGIN
+    return 2 * engine_count(settings) * (settings.max_running + settings.max_queued) + FD_MARGIN
 
 
 def raise_open_files(needed: int) -> OpenFiles:
@@ -71,7 +75,7 @@ def check_open_files(settings: Settings) -> OpenFiles:
             " + %d need: under load, connections will be refused or reset (EMFILE) in the gateway and its"
             " engines. Raise the hard limit (`ulimit -Hn %d` before starting, LimitNOFILE=%d in systemd,"
             " `--ulimit nofile=%d:%d` in docker) or lower max_running/max_queued.",
-            limit.soft, limit.needed, len(settings.engine_url) or settings.engines, settings.max_running,
+            limit.soft, limit.needed, engine_count(settings), settings.max_running,
             settings.max_queued, FD_MARGIN, limit.needed, limit.needed, limit.needed, limit.needed,
         )  # fmt: skip
     return limit
