@@ -8,6 +8,7 @@ import time
 
 import httpx
 import orjson
+import psutil
 import pytest
 
 from tests.conftest import Live, wait_for
@@ -15,46 +16,50 @@ from tests.conftest import Live, wait_for
 pytestmark = pytest.mark.engine
 
 
-def running(live: Live) -> tuple[float, float, float]:
-    """(sequences running in vLLM, when vLLM was read, requests Governor has running) from Governor's
-    /metrics: the engine's gauge is re-exported from a copy refreshed in the background, whose age says
-    when the engine was read; `vllm:num_requests_running` there is Governor's own request state."""
-    asked = time.monotonic()
-    text = httpx.get(live.url + "/metrics", timeout=10).text
-    engine, age, own = 0.0, 0.0, 0.0
-    for line in text.splitlines():
-        value = line.rsplit(" ", 1)[-1]
-        if line.startswith("governor_engine_num_requests_running{"):
-            engine += float(value)
-        elif line.startswith("governor_engine_metrics_age_seconds{"):
-            age = max(age, float(value))
-        elif line.startswith("vllm:num_requests_running{"):
-            own += float(value)
-    return engine, asked - age, own
+def engine_socket(live: Live) -> str:
+    """The Unix socket the session's vLLM API server listens on (its `--uds`)."""
+    (pid,) = live.engine_pids()
+    command = psutil.Process(pid).cmdline()
+    return command[command.index("--uds") + 1]
+
+
+def gauge(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 @pytest.mark.parametrize("preset", ["balanced", "off"])  # streamed upstream (loop checks) / vLLM's own JSON answer
 def test_non_streaming_disconnect_aborts_within_2s(live: Live, preset: str) -> None:
-    body = {"model": live.model, "prompt": [f"Count from {i}:" for i in range(32)], "n": 4, "max_tokens": 1000,
+    # 64 sequences: on the 2-core CI machine one decode step of 128 takes ~0.5 s, and vLLM itself needs two
+    # or three steps to show an abort in its gauge (1.2-2.4 s measured straight against vLLM), which would
+    # make the deadline a test of the CPU; at 64 vLLM direct and Governor both show it in 0.5-1.0 s.
+    body = {"model": live.model, "prompt": [f"Count from {i}:" for i in range(16)], "n": 4, "max_tokens": 1000,
             "ignore_eos": True, "decoding_preset": preset}  # fmt: skip
     raw = orjson.dumps(body)
     host, port = live.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))  # fmt: skip
-        wait_for(lambda: running(live)[0] >= 1, 30, what="the batch to run in vLLM")
-        left = time.monotonic()
-    # The client is gone. Wait for a reading of the engine taken no later than 2 s after the hang-up that
-    # shows nothing running (readings are up to ~1 s old, so this waits up to 4 s for one).
-    seen: list[str] = []
+    # vLLM's own gauge, read straight from its socket every 50 ms; a reading counts from when it arrived.
+    with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(live)), timeout=10) as engine:
 
-    def stopped() -> bool:
-        engine, at, own = running(live)
-        seen.append(f"{at - left:+.2f} s: engine {engine:.0f}, governor {own:.0f}")
-        assert not (engine > 0 and at - left > 2.0), f"vLLM still running the batch: {seen}"
-        return engine == 0 and own == 0 and at - left <= 2.0
+        def running() -> tuple[float, float]:
+            text = engine.get("http://engine/metrics").text
+            return gauge(text, "vllm:num_requests_running"), time.monotonic()
 
-    wait_for(stopped, 4, interval=0.1, what="vLLM to abort the disconnected request")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))  # fmt: skip
+            wait_for(lambda: running()[0] >= 1, 30, interval=0.05, what="the batch to run in vLLM")
+            left = time.monotonic()
+        seen: list[str] = []
+
+        def stopped() -> bool:
+            count, at = running()
+            seen.append(f"{at - left:+.2f} s: {count:.0f}")
+            return count == 0
+
+        wait_for(stopped, 10, interval=0.05, what="vLLM to abort the disconnected request")
+    assert float(seen[-1].split()[0]) <= 2.0, f"vLLM ran the batch for over 2 s after the client left: {seen}"
+    # Governor's own request state is clear by then (its `vllm:num_requests_running` counts its requests).
+    wait_for(lambda: gauge(httpx.get(live.url + "/metrics", timeout=10).text, "vllm:num_requests_running") == 0,
+             2, interval=0.1, what="Governor to count the request as ended")  # fmt: skip
 
 
 def test_batch_beyond_the_sequence_cap_is_refused(live: Live) -> None:
