@@ -1,4 +1,8 @@
-"""Child processes for benchmarks: started in their own group, always stopped (TERM, then KILL)."""
+"""Child processes for benchmarks: started in their own group under the engine's watchdog, always stopped.
+
+A `finally` stops them when the bench ends or raises; the watchdog stops them when the bench process is
+killed outright (a `timeout`'s SIGTERM ends Python without running `finally`, which left two engines
+running once), since it kills everything below it when its parent is gone."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +19,11 @@ from pathlib import Path
 def spawned(
     cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run cmd for the duration of the block; output goes to `log` (or nowhere)."""
+    """Run cmd for the duration of the block (and no longer than this process); output goes to `log`
+    (or nowhere). The process yielded is cmd's watchdog."""
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    guarded = [sys.executable, "-m", "governor.engine.watchdog", str(os.getpid()), "--", *cmd]
+    proc = subprocess.Popen(guarded, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
