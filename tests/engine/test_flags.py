@@ -8,6 +8,7 @@ import pytest
 
 from governor.engine.flags import engine_command, engine_env
 from governor.engine.process import VllmProcess, private_socket_dir
+from governor.engine.vllm_fixes import FIXES_ENV
 from governor.settings import Settings
 
 
@@ -33,7 +34,8 @@ def test_governor_secrets_stay_out_of_the_engine(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("VLLM_API_KEY", "inherited")
     monkeypatch.setenv("HF_HOME", "/somewhere")
     env = engine_env(Settings(), "cpu")
-    assert not [k for k in env if k.startswith("GOVERNOR_")]
+    assert [k for k in env if k.startswith("GOVERNOR_")] == [FIXES_ENV]  # the one Governor sets: its vLLM plugin
+    assert env[FIXES_ENV] == "1"
     assert "VLLM_API_KEY" not in env and env["HF_HOME"] == "/somewhere"
     assert engine_env(Settings(), "gpu", cuda_visible="1")["CUDA_VISIBLE_DEVICES"] == "1"
 

@@ -84,6 +84,31 @@ def test_mixed_batch_each_gets_its_own_model(live: Live, workdir: Path) -> None:
         assert text == alone[model], model
 
 
+def test_base_model_is_untouched_when_every_slot_holds_an_adapter(live: Live, workdir: Path) -> None:
+    # vLLM's CPU LoRA ops read "no adapter" (-1) as the last slot: a base-model request batched with adapter
+    # requests while that slot held an adapter got its delta (vllm-project/vllm#48421); the mixed-batch test
+    # above saw it only after other tests' adapter churn. Governor's vLLM plugin fixes it (engine/vllm_fixes.py).
+    question = "Write one sentence about cats."
+    before = answer(live, live.model, question)
+    names = [f"fill{i}" for i in range(4)]  # the session engine's --max-loras: afterwards these hold every slot
+    for i, name in enumerate(names):
+        random_adapter(workdir / name, 40 + i)
+        shutil.copytree(workdir / name, live.adapters_dir / name)
+    wait_for(lambda: set(names) <= model_ids(live), 60, what="the four adapters")
+    try:
+        alone = {name: answer(live, name, question) for name in names}
+        assert before not in alone.values(), alone  # each adapter is a different model
+        models = [m for name in names for m in (live.model, name)]
+        with ThreadPoolExecutor(len(models)) as pool:
+            batch = list(pool.map(lambda m: (m, answer(live, m, question)), models))
+        for model, text in batch:
+            assert text == alone.get(model, before), (model, text)
+    finally:
+        for name in names:
+            shutil.rmtree(live.adapters_dir / name)
+        wait_for(lambda: not set(names) & model_ids(live), 60, what="the four adapters to go")
+
+
 def test_replacing_weights_changes_output_and_deleting_removes(live: Live, workdir: Path) -> None:
     random_adapter(workdir / "swap-a", 21)
     random_adapter(workdir / "swap-b", 22)

@@ -35,11 +35,10 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def unload_after(live: Live) -> Iterator[None]:
-    """Give the session engine's LoRA slots back. The module also runs late (test_y_): after its slot churn
-    (evictions, a hot-swap to epp-swap@2) the base model's greedy answers in a batch mixed with two adapters
-    differ from its answers alone, even once these adapters are unloaded — found this session, not diagnosed
-    yet; `pytest tests/integration/test_y_epp_contract_live.py tests/integration/test_lora.py::
-    test_mixed_batch_each_gets_its_own_model` reproduces it. Adapters earlier tests left loaded are unloaded
+    """Give the session engine's LoRA slots back. The module also runs late (test_y_), after the tests that
+    need a fresh engine. Its slot churn once made the mixed-batch LoRA test fail: with an adapter left in
+    the last slot, vLLM's CPU LoRA ops served base-model rows that adapter's delta (vllm-project/vllm#48421,
+    fixed by Governor's vLLM plugin, engine/vllm_fixes.py). Adapters earlier tests left loaded are unloaded
     first: this module fills the slots itself."""
     r = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=30)
     for adapter in r.json()["data"]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from governor.engine.vllm_fixes import FIXES_ENV
 from governor.settings import Settings
 
 PROCESSORS = [
@@ -89,6 +90,7 @@ def engine_env(settings: Settings, device: str, cuda_visible: str | None = None)
     if cuda_visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters are loaded at runtime by the registry
+    env[FIXES_ENV] = "1"  # Governor's vLLM plugin applies its fixes in this engine (engine/vllm_fixes.py)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
