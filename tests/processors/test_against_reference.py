@@ -59,6 +59,7 @@ def dry_args(vocab: int) -> Any:
             "gov_dry_allowed_length": rng.choice([1, 2, 3, 4]),
             "gov_dry_range": rng.choice([0, 0, 3, 9, 30]),
             "gov_dry_breakers": encode_ids(rng.sample(range(vocab + 2), rng.choice([0, 1, 3]))),
+            "gov_dry_scope": rng.choice(["all", "all", "output"]),
         }
 
     return make

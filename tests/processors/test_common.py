@@ -98,6 +98,7 @@ VALID = {
     "gov_dry_allowed_length": 2,
     "gov_dry_range": 0,
     "gov_dry_breakers": "0,13",
+    "gov_dry_scope": "output",
     "gov_ngram_size": 3,
     "gov_ngram_window": 3.0,
     "gov_rep_penalty": 1.2,
@@ -128,7 +129,8 @@ def test_valid_params_pass(cls: type, extra_args: dict[str, Any] | None) -> None
         (DRYLogitsProcessor, "gov_dry_breakers", "1,-2"),
         (DRYLogitsProcessor, "gov_dry_breakers", "a"),
         (DRYLogitsProcessor, "gov_dry_breakers", "1,,2"),
-        (DRYLogitsProcessor, "gov_dry_breakers", [1, 2]),  # the old list form: 0.25 completions refuses it
+        (DRYLogitsProcessor, "gov_dry_breakers", [1, 2]),
+        (DRYLogitsProcessor, "gov_dry_scope", "prompt"),  # the old list form: 0.25 completions refuses it
         (NoRepeatNGramLogitsProcessor, "gov_ngram_size", -1),
         (NoRepeatNGramLogitsProcessor, "gov_ngram_size", "3"),
         (NoRepeatNGramLogitsProcessor, "gov_ngram_window", -1),

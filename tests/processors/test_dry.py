@@ -24,7 +24,7 @@ def dry_reference(prompt: list[int], output: list[int], args: dict[str, Any], ro
     allowed_length = int(args.get("gov_dry_allowed_length", 2))
     lookback = int(args.get("gov_dry_range", 0))
     breakers = {int(t) for t in args.get("gov_dry_breakers", "").split(",") if t}
-    input_ids = prompt + output
+    input_ids = output if args.get("gov_dry_scope") == "output" else prompt + output
     if lookback > 0:
         input_ids = input_ids[-lookback:]
     if multiplier <= 0 or not input_ids:
@@ -66,6 +66,8 @@ def random_dry_args(rng: random.Random) -> dict[str, Any] | None:
         args["gov_dry_range"] = rng.choice([0, 4, 9])
     if rng.random() < 0.4:
         args["gov_dry_breakers"] = encode_ids(rng.sample(range(VOCAB), 2))
+    if rng.random() < 0.4:
+        args["gov_dry_scope"] = rng.choice(["all", "output"])
     return args
 
 
@@ -96,6 +98,25 @@ def test_breaker_stops_the_match() -> None:
     sim.processor.apply(logits)
     # The match "3" cannot extend through the breaker 2, so its length 1 is below allowed_length.
     assert torch.equal(logits, torch.zeros(1, VOCAB))
+
+
+@pytest.mark.parametrize(("scope", "penalised"), [("all", True), ("output", False)])
+def test_output_scope_lets_the_output_copy_the_prompt(scope: str, penalised: bool) -> None:
+    # "1 2 3 4" in the prompt, "1 2 3" so far in the output: copying on (4) repeats the prompt only.
+    args = {"gov_dry_multiplier": 1.0, "gov_dry_base": 2.0, "gov_dry_allowed_length": 2, "gov_dry_scope": scope}
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    sim.add(0, args, [1, 2, 3, 4], [1, 2, 3])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    assert bool(logits[0, 4] == -2.0) is penalised and int((logits != 0).sum()) == int(penalised)
+    # The output repeating itself is penalised in either scope: "5 6 7 8 5 6 7" -> 8 loses 2.
+    sim = BatchSim(make_processor(DRYLogitsProcessor, VOCAB), batch_size=1)
+    sim.add(0, args, [1, 2, 3, 4], [5, 6, 7, 8, 5, 6, 7])
+    sim.flush()
+    logits = torch.zeros(1, VOCAB)
+    sim.processor.apply(logits)
+    assert logits[0, 8] == -2.0
 
 
 def test_range_limits_the_lookback() -> None:

@@ -385,6 +385,7 @@ class Policy:
             breakers = self.info.breaker_ids(fields.get("dry_breakers") or ())
             if breakers:
                 xargs[xa.DRY_BREAKERS] = xa.encode_ids(breakers)
+            xargs[xa.DRY_SCOPE] = fields.get("dry_scope", xa.DRY_SCOPES[0])
         if fields.get("ngram_size", 0) > 0:
             xargs[xa.NGRAM_SIZE] = fields["ngram_size"]
             xargs[xa.NGRAM_WINDOW] = fields.get("ngram_window", 0)

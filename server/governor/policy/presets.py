@@ -130,6 +130,7 @@ class Preset(BaseModel):
     dry_allowed_length: int | None = Field(None, ge=1, le=64)
     dry_range: int | None = Field(None, ge=0)
     dry_breakers: list[_Breaker] | None = Field(None, max_length=32)
+    dry_scope: Literal["all", "output"] | None = None  # DRY's context: prompt + output (default) or output
     # No-repeat n-gram: no ngram_size-gram twice within the last ngram_window output tokens.
     ngram_size: int | None = Field(None, ge=0, le=32)
     ngram_window: int | None = Field(None, ge=0)

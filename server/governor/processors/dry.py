@@ -4,7 +4,8 @@ p-e-w's algorithm as implemented in text-generation-webui and koboldcpp: for eve
 occurrence of the context's last token, measure how far the text before it matches the text
 before the end of the context; the token that followed that occurrence would extend a repeat of
 that length L, so when L >= allowed_length it loses ``multiplier * base ** (L - allowed_length)``
-from its logit. Sequence-breaker tokens end a match. The context is prompt + output.
+from its logit. Sequence-breaker tokens end a match. The context is prompt + output, or the output
+alone with ``gov_dry_scope`` "output" (copying from the prompt is then free: quotes, choruses, edits).
 
 The match lengths live on the device (``SuffixMatch``) and grow or reset with each token; a step
 is a fixed number of tensor ops over [rows, context] slices of the aligned history. Breakers are
@@ -68,6 +69,9 @@ class DRYLogitsProcessor(BatchedLogitsProcessor):
 
     def parse(self, extra_args: dict[str, Any] | None) -> DRYConfig | None:
         return parse_dry(extra_args)
+
+    def kept_prompt(self, config: DRYConfig, prompt: list[int]) -> list[int]:
+        return prompt if config.include_prompt else []
 
     def resize_state(self, slots: int, columns: int, src: int, dst: int, count: int) -> None:
         self.matches.resize(slots, columns, src, dst, count)

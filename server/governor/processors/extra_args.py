@@ -21,6 +21,7 @@ DRY_BASE = "gov_dry_base"
 DRY_ALLOWED_LENGTH = "gov_dry_allowed_length"
 DRY_RANGE = "gov_dry_range"
 DRY_BREAKERS = "gov_dry_breakers"
+DRY_SCOPE = "gov_dry_scope"
 NGRAM_SIZE = "gov_ngram_size"
 NGRAM_WINDOW = "gov_ngram_window"
 REP_PENALTY = "gov_rep_penalty"
@@ -28,7 +29,7 @@ REP_WINDOW = "gov_rep_window"
 REP_SCOPE = "gov_rep_scope"
 REP_EXEMPT = "gov_rep_exempt"
 
-DRY_KEYS = (DRY_MULTIPLIER, DRY_BASE, DRY_ALLOWED_LENGTH, DRY_RANGE, DRY_BREAKERS)
+DRY_KEYS = (DRY_MULTIPLIER, DRY_BASE, DRY_ALLOWED_LENGTH, DRY_RANGE, DRY_BREAKERS, DRY_SCOPE)
 NGRAM_KEYS = (NGRAM_SIZE, NGRAM_WINDOW)
 REP_KEYS = (REP_PENALTY, REP_WINDOW, REP_SCOPE, REP_EXEMPT)
 ALL_KEYS = frozenset(DRY_KEYS + NGRAM_KEYS + REP_KEYS)
@@ -36,6 +37,7 @@ ALL_KEYS = frozenset(DRY_KEYS + NGRAM_KEYS + REP_KEYS)
 DRY_DEFAULT_BASE = 1.75
 DRY_DEFAULT_ALLOWED_LENGTH = 2
 REP_SCOPES = ("output", "all")
+DRY_SCOPES = ("all", "output")  # the first is the default: DRY's context is prompt + output
 
 ExtraArgs = Mapping[str, object] | None
 
@@ -47,8 +49,9 @@ class DRYConfig:
     multiplier: float
     base: float
     allowed_length: int
-    range: int  # tokens of prompt+output to look back; 0 = everything
+    range: int  # tokens of the context to look back; 0 = everything
     breakers: frozenset[int]
+    include_prompt: bool = True  # the context: prompt + output (scope "all") or the output alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,16 @@ class RepPenaltyConfig:
 def _present(args: ExtraArgs, key: str) -> object | None:
     # A JSON null is treated as "not given" so clients can send every key unconditionally.
     return None if args is None else args.get(key)
+
+
+def _scope(args: ExtraArgs, key: str, scopes: tuple[str, ...]) -> str:
+    """One of `scopes` (the first when absent)."""
+    scope = _present(args, key)
+    if scope is None:
+        return scopes[0]
+    if scope not in scopes:
+        raise ValueError(f"{key}: must be one of {', '.join(scopes)}, got {scope!r}")
+    return str(scope)
 
 
 def _number(args: ExtraArgs, key: str, default: float) -> float:
@@ -149,6 +162,7 @@ def parse_dry(args: ExtraArgs) -> DRYConfig | None:
         allowed_length=_integer(args, DRY_ALLOWED_LENGTH, DRY_DEFAULT_ALLOWED_LENGTH, 1),
         range=_integer(args, DRY_RANGE, 0, 0),
         breakers=_token_ids(args, DRY_BREAKERS),
+        include_prompt=_scope(args, DRY_SCOPE, DRY_SCOPES) == "all",
     )
     return config if multiplier > 0 else None
 
@@ -168,15 +182,10 @@ def parse_rep_penalty(args: ExtraArgs) -> RepPenaltyConfig | None:
     penalty = _number(args, REP_PENALTY, 1.0)
     if penalty < 1:
         raise ValueError(f"{REP_PENALTY}: must be >= 1, got {penalty}")
-    scope = _present(args, REP_SCOPE)
-    if scope is None:
-        scope = REP_SCOPES[0]
-    if scope not in REP_SCOPES:
-        raise ValueError(f"{REP_SCOPE}: must be one of {', '.join(REP_SCOPES)}, got {scope!r}")
     config = RepPenaltyConfig(
         penalty=penalty,
         window=_integer(args, REP_WINDOW, 0, 0),
-        include_prompt=scope == "all",
+        include_prompt=_scope(args, REP_SCOPE, REP_SCOPES) == "all",
         exempt=_token_ids(args, REP_EXEMPT),
     )
     return config if penalty > 1 else None

@@ -4,7 +4,8 @@ p-e-w's algorithm as implemented in text-generation-webui and koboldcpp: for eve
 occurrence of the context's last token, measure how far the text before it matches the text
 before the end of the context; the token that followed that occurrence would extend a repeat of
 that length L, so when L >= allowed_length it loses ``multiplier * base ** (L - allowed_length)``
-from its logit. Sequence-breaker tokens end a match. The context is prompt + output.
+from its logit. Sequence-breaker tokens end a match. The context is prompt + output, or the output
+alone with ``gov_dry_scope`` "output".
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class DRYLogitsProcessor(RowStateLogitsProcessor[DRYRow]):
         config = parse_dry(params.extra_args)
         if config is None:
             return None
-        return DRYRow(config, prompt_ids or [], OutputCursor(output_ids), penalty_scale(config))
+        prompt = (prompt_ids or []) if config.include_prompt else []
+        return DRYRow(config, prompt, OutputCursor(output_ids), penalty_scale(config))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Subtract each row's DRY penalties from its logits."""
