@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm import SamplingParams
 
+from governor.processors.cells import BREAK, UNBOUNDED, grown, outside_keys
 from governor.processors.extra_args import DRYConfig, parse_dry
-from governor.processors.slots import BREAK, UNBOUNDED, BatchedLogitsProcessor, SlotRow, Step, grown, outside_keys
+from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step
 from governor.processors.suffix_match import SuffixMatch
 from governor.processors.token_sets import TokenSets
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm import SamplingParams
 
+from governor.processors.cells import UNBOUNDED, grown
 from governor.processors.extra_args import NGramConfig, parse_ngram
-from governor.processors.slots import UNBOUNDED, BatchedLogitsProcessor, SlotRow, Step, grown
+from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step
 from governor.processors.suffix_match import SuffixMatch
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from governor.processors.slots import BREAK, EMPTY, NEVER, moved
+from governor.processors.cells import BREAK, EMPTY, NEVER, moved
 
 if TYPE_CHECKING:
     from governor.processors.slots import BatchedLogitsProcessor, Step

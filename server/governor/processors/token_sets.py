@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from governor.processors.slots import grown
+from governor.processors.cells import grown
 
 
 class TokenSets:

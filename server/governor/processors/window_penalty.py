@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm import SamplingParams
 
+from governor.processors.cells import EMPTY, UNBOUNDED, grown, outside_keys
 from governor.processors.extra_args import RepPenaltyConfig, parse_rep_penalty
-from governor.processors.slots import EMPTY, UNBOUNDED, BatchedLogitsProcessor, SlotRow, Step, grown, outside_keys
+from governor.processors.slots import BatchedLogitsProcessor, SlotRow, Step
 from governor.processors.token_sets import TokenSets
 
 if TYPE_CHECKING:
