@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,12 +32,16 @@ from governor.stream.sse import (
     ERROR_KEY,
     NEXT_EVENT,
     SEP,
+    TEXT_PATTERNS,
+    USAGE_FIELD_PATTERN,
     EventSplitter,
     done_at,
     error_event,
     event,
     event_error,
+    event_start,
     payloads,
+    plain_prefix,
     raw_event,
     tail_error,
 )
@@ -50,19 +53,9 @@ _END_WAIT_SECONDS = 0.25  # for the end of a response after its [DONE]
 _VLLM_REPETITION = b"repetition_detected"
 _USAGE = b'"usage":{'
 _USAGE_FIELD = b',"usage":{'
-_FINISH_NULL = b'"finish_reason":null'
 _OBJECT_END = b"}}" + SEP
 # Why a stream failed, the `reason` label of governor_stream_errors_total (a fixed set: bounded).
 REASONS = ("upstream_error", "engine_unavailable", "deadline", "bad_event", "internal")
-# Patterns over whole blocks of events. A key pattern cannot match inside a JSON string (its quotes
-# would be escaped there), so the first `"content":"` (chat) or `"text":"` (completions) of each
-# event is its delta's text (logprobs use `"content":[`). The string patterns are "unrolled" (runs
-# of plain chars, then one escape) so that sre scans them at C speed.
-_TEXTS = {
-    "chat": re.compile(rb'"content":"([^"\\]*(?:\\.[^"\\]*)*)"'),
-    "completions": re.compile(rb'"text":"([^"\\]*(?:\\.[^"\\]*)*)"'),
-}
-_USAGE_FIELDS = re.compile(rb',"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
 
 
 @dataclass
@@ -107,7 +100,7 @@ class Relay:
         self._finished: set[int] = set()
         self._cut_choices: set[int] = set()
         self._head: dict[str, Any] = {}
-        self._texts = _TEXTS["chat" if kind == "chat" else "completions"]
+        self._texts = TEXT_PATTERNS["chat" if kind == "chat" else "completions"]
 
     # -- upstream events -------------------------------------------------------------------------------
 
@@ -261,7 +254,7 @@ class Relay:
 
     async def _stream_fast(self) -> AsyncIterator[bytes]:
         async for block, _ in self._blocks():
-            cut = _event_start(block, _USAGE, _VLLM_REPETITION)
+            cut = event_start(block, _USAGE, _VLLM_REPETITION)
             if cut == len(block):
                 yield block  # a byte relay
                 continue
@@ -300,7 +293,7 @@ class Relay:
         events in the block."""
         out: list[bytes] = []
         while block:
-            cut, plain = _plain_prefix(block, count) if self._head else (0, 0)
+            cut, plain = plain_prefix(block, count) if self._head else (0, 0)
             if cut:
                 sent, text = self._plain_block(block if cut == len(block) else block[:cut])
                 out.append(sent)
@@ -319,11 +312,11 @@ class Relay:
     def _plain_block(self, block: bytes) -> tuple[bytes, str]:
         """Plain events (one choice, mid-generation) on bytes: (block to send, its text)."""
         at = block.rfind(_USAGE_FIELD)
-        last = _USAGE_FIELDS.match(block, at) if at >= 0 else None
+        last = USAGE_FIELD_PATTERN.match(block, at) if at >= 0 else None
         if last is not None:  # Governor's continuous usage: note the latest, strip it unless the client asked
             self._note_usage(orjson.loads(last[0][len(_USAGE_FIELD) - 1 :]))
             if not self.client_continuous:
-                block = _USAGE_FIELDS.sub(b"", block)
+                block = USAGE_FIELD_PATTERN.sub(b"", block)
         raw = b"".join(self._texts.findall(block))
         if b"\\" not in raw:
             return block, raw.decode("utf-8", "replace")
@@ -391,40 +384,6 @@ class Relay:
             assembler.usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                                "total_tokens": s.prompt_tokens + s.completion_tokens}  # fmt: skip
         return assembler.result()
-
-
-def _plain_prefix(block: bytes, count: int) -> tuple[int, int]:
-    """The leading run of plain events (one choice, mid-generation) in a block of ``count`` events:
-    (its length in bytes, its events). A plain event holds `"finish_reason":null` once."""
-    others = count - block.count(_FINISH_NULL)
-    if others == 0:
-        return len(block), count
-    if others > 0:
-        # usually the last events (a finish reason, then the usage-only chunk): if the last ``others``
-        # events are not plain, every event before them is
-        start = len(block)
-        for _ in range(others):
-            end, at = start, block.rfind(SEP, 0, start - 2)
-            start = at + 2 if at >= 0 else 0
-            if block.find(_FINISH_NULL, start, end) >= 0:
-                break
-        else:
-            return start, count - others
-    start = plain = 0
-    while True:
-        end = block.find(SEP, start) + 2
-        if block.find(_FINISH_NULL, start, end) < 0:
-            return start, plain
-        start, plain = end, plain + 1
-
-
-def _event_start(block: bytes, *markers: bytes) -> int:
-    """Where the first event holding one of ``markers`` starts in a block, else the block's length."""
-    found = [at for at in (block.find(marker) for marker in markers) if at >= 0]
-    if not found:
-        return len(block)
-    at = block.rfind(SEP, 0, min(found))
-    return at + 2 if at >= 0 else 0
 
 
 async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -111,3 +112,51 @@ def event_error(obj: Any) -> GovernorError | None:
     param = err.get("param")
     exc.param = param if isinstance(param, str) else None
     return exc
+
+
+FINISH_NULL = b'"finish_reason":null'  # once in every event of a choice still generating
+
+
+def plain_prefix(block: bytes, count: int) -> tuple[int, int]:
+    """The leading run of plain events (one choice, mid-generation) in a block of ``count`` events:
+    (its length in bytes, its events). A plain event holds `"finish_reason":null` once."""
+    others = count - block.count(FINISH_NULL)
+    if others == 0:
+        return len(block), count
+    if others > 0:
+        # usually the last events (a finish reason, then the usage-only chunk): if the last ``others``
+        # events are not plain, every event before them is
+        start = len(block)
+        for _ in range(others):
+            end, at = start, block.rfind(SEP, 0, start - 2)
+            start = at + 2 if at >= 0 else 0
+            if block.find(FINISH_NULL, start, end) >= 0:
+                break
+        else:
+            return start, count - others
+    start = plain = 0
+    while True:
+        end = block.find(SEP, start) + 2
+        if block.find(FINISH_NULL, start, end) < 0:
+            return start, plain
+        start, plain = end, plain + 1
+
+
+def event_start(block: bytes, *markers: bytes) -> int:
+    """Where the first event holding one of ``markers`` starts in a block, else the block's length."""
+    found = [at for at in (block.find(marker) for marker in markers) if at >= 0]
+    if not found:
+        return len(block)
+    at = block.rfind(SEP, 0, min(found))
+    return at + 2 if at >= 0 else 0
+
+
+# Patterns over whole blocks of events. A key pattern cannot match inside a JSON string (its quotes
+# would be escaped there), so the first `"content":"` (chat) or `"text":"` (completions) of each
+# event is its delta's text (logprobs use `"content":[`). The string patterns are "unrolled" (runs
+# of plain chars, then one escape) so that sre scans them at C speed.
+TEXT_PATTERNS = {
+    "chat": re.compile(rb'"content":"([^"\\]*(?:\\.[^"\\]*)*)"'),
+    "completions": re.compile(rb'"text":"([^"\\]*(?:\\.[^"\\]*)*)"'),
+}
+USAGE_FIELD_PATTERN = re.compile(rb',"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
