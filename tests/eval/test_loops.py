@@ -64,6 +64,9 @@ def test_config_variants() -> None:
     assert ev.config_fields("repetition_detection")["repetition_detection"] == {"max_pattern_size": 32, "min_count": 3}
     assert ev.config_fields("balanced+dry_multiplier=1.5+loop_detection=false") == {
         "decoding_preset": "balanced", "dry_multiplier": 1.5, "loop_detection": False}  # fmt: skip
+    assert ev.config_fields("balanced+dry_scope=output")["dry_scope"] == "output"  # not JSON: a string
+    with pytest.raises(ValueError, match="not field=value"):
+        ev.config_fields("balanced+dry_scope")
 
 
 def _run(config: str, seed: int, texts: dict[str, tuple[str, str]]) -> ev.Run:

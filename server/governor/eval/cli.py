@@ -36,6 +36,11 @@ def register(eval_app: typer.Typer) -> None:
         if split not in ("all", "tune", "holdout"):
             raise typer.BadParameter("split must be all, tune or holdout")
         prompts = ev.load_prompts(split, category, limit)
+        for name in config or ():  # a typo must not surface after an hour of other configs
+            try:
+                ev.config_fields(name)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--config") from exc
         runs = ev.plan(config or ev.DEFAULT_CONFIGS, temperature, seeds, seeded)
 
         if answers is not None:

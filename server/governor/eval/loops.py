@@ -41,14 +41,20 @@ CHECKED = ("fact", "repeat")  # categories scored by their checks; the rest by t
 
 
 def config_fields(name: str) -> dict[str, Any]:
-    """A named config, or `preset+field=value+…` (values as JSON) for trying variants without a restart."""
+    """A named config, or `preset+field=value+…` for trying variants without a restart: a value is read as
+    JSON (1.15, true, [1, 2]) and otherwise taken as a string (dry_scope=output)."""
     if name in CONFIGS:
         return CONFIGS[name]
     preset, *overrides = name.split("+")
     fields: dict[str, Any] = {"decoding_preset": preset}
     for item in overrides:
-        key, _, value = item.partition("=")
-        fields[key] = json.loads(value)
+        key, equals, value = item.partition("=")
+        if not key or not equals:
+            raise ValueError(f"config {name!r}: {item!r} is not field=value")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
     return fields
 
 
