@@ -19,11 +19,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
-FIXES_ENV = "GOVERNOR_VLLM_FIXES"
+FIXES_ENV = "GOVERNED_VLLM"  # neither GOVERNOR_ (settings stay out of engines) nor VLLM_ (vLLM checks those)
 GATHER_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 OPS_MODULES = (  # where the ops are looked up: their module, its package, and the CPU wrapper's imports
     "vllm.lora.ops.torch_ops.lora_ops",
@@ -87,7 +86,7 @@ def fix_lora_gather() -> bool:
     fixed = {name: skip_unadapted(getattr(ops, name)) for name in GATHER_OPS}
     for module_name in OPS_MODULES:
         try:
-            module = sys.modules.get(module_name) or importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
         except ImportError:
             continue
         for name, op in fixed.items():
