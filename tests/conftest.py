@@ -52,6 +52,12 @@ class Live:
                     pids.append(p.pid)
         return pids
 
+    def engine_socket(self) -> Path:
+        """The Unix socket the (single) vLLM API server listens on: its `--uds`."""
+        (pid,) = self.engine_pids()
+        command = psutil.Process(pid).cmdline()
+        return Path(command[command.index("--uds") + 1])
+
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])

@@ -33,11 +33,6 @@ def api_server(live: Live) -> psutil.Process:
     return psutil.Process(pid)
 
 
-def engine_socket(live: Live) -> Path:
-    cmd = api_server(live).cmdline()
-    return Path(cmd[cmd.index("--uds") + 1])
-
-
 def over_socket(sock: Path, path: str, key: str | None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 1, "lora_name": "x", "lora_path": "/etc"}
@@ -78,7 +73,7 @@ def test_the_api_server_listens_on_no_tcp_port(live: Live) -> None:
 
 
 def test_socket_directory_is_private_and_v1_needs_the_key(live: Live) -> None:
-    sock = engine_socket(live)
+    sock = live.engine_socket()
     info = sock.parent.stat()
     assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
     assert over_socket(sock, "/v1/completions", None) == 401
@@ -91,12 +86,12 @@ def test_socket_directory_is_private_and_v1_needs_the_key(live: Live) -> None:
 def test_another_user_cannot_connect(live: Live) -> None:
     """As root (the test machine), try from uid 65534: the 0700 directory stops it before the socket."""
     if os.getuid() != 0:
-        assert stat.S_IMODE(engine_socket(live).parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(live.engine_socket().parent.stat().st_mode) == 0o700
         return
     code = ("import os, socket, sys; os.setgid(65534); os.setuid(65534)\n"
             "s = socket.socket(socket.AF_UNIX)\n"
             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code, str(engine_socket(live))], timeout=30, check=False)
+    done = subprocess.run([sys.executable, "-c", code, str(live.engine_socket())], timeout=30, check=False)
     assert done.returncode == 13
 
 
