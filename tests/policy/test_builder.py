@@ -89,8 +89,15 @@ def test_balanced_default(policy: Policy, smol: TokenizerInfo) -> None:
     assert xargs[xa.DRY_MULTIPLIER] == BALANCED["dry_multiplier"]
     assert xargs[xa.DRY_ALLOWED_LENGTH] == BALANCED["dry_allowed_length"]
     assert smol.special_id("<|im_end|>") not in xa.parse_ids(xargs[xa.DRY_BREAKERS], "")
+    assert xargs[xa.DRY_SCOPE] == "output"  # copying from the prompt is free (README, "dry_scope")
     assert "stop" not in result.body and "stop_token_ids" not in result.body  # chat: vLLM stops at EOS
     assert "repetition_penalty" not in result.body
+
+
+def test_a_request_puts_the_prompt_back_in_drys_context(policy: Policy) -> None:
+    result = policy.build({**CHAT, "dry_scope": "all"}, kind="chat")
+    assert result.body["vllm_xargs"][xa.DRY_SCOPE] == "all"
+    assert policy.build({**CHAT, "decoding_preset": "strict"}, kind="chat").body["vllm_xargs"][xa.DRY_SCOPE] == "all"
 
 
 def test_off_sends_nothing(policy: Policy) -> None:
