@@ -60,6 +60,13 @@ def test_plan_seeds_only_the_named_configs_when_sampling() -> None:
     assert Counter(c for c, t, _ in runs if t > 0) == {"off": 3, "balanced": 3, "strict": 1}
 
 
+def test_plan_adds_seeds_after_saved_ones() -> None:
+    runs = ev.plan(["off", "frequency_penalty=0.5"], [0.0, 0.7], 3, ["off"], first_seed=3)
+    assert [r for r in runs if r[1] == 0.0] == [("off", 0.0, 0), ("frequency_penalty=0.5", 0.0, 0)]
+    assert [r for r in runs if r[1] > 0] == [("off", 0.7, 3), ("off", 0.7, 4), ("off", 0.7, 5),
+                                             ("frequency_penalty=0.5", 0.7, 3)]  # fmt: skip
+
+
 def test_config_variants() -> None:
     assert ev.config_fields("repetition_detection")["repetition_detection"] == {"max_pattern_size": 32, "min_count": 3}
     assert ev.config_fields("balanced+dry_multiplier=1.5+loop_detection=false") == {

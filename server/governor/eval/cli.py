@@ -22,6 +22,7 @@ def register(eval_app: typer.Typer) -> None:
         temperature: list[float] = typer.Option([0.0, 0.7], help="Temperatures (repeatable); 0 is greedy."),
         seeds: int = typer.Option(3, min=1, help="Seeds at temperature > 0 for the --seeded configs."),
         seeded: list[str] = typer.Option(["off", "balanced"], help="Configs sampled with --seeds seeds; others one."),
+        first_seed: int = typer.Option(0, min=0, help="Sampled seeds count from here (add seeds to a saved run)."),
         max_tokens: int = typer.Option(384, help="Output limit per answer (long answers set their own 1024)."),
         concurrency: int = typer.Option(32, help="Requests in flight."),
         api_key: str = typer.Option("", envvar="GOVERNOR_EVAL_API_KEY", help="Bearer key, if the server wants one."),
@@ -41,7 +42,7 @@ def register(eval_app: typer.Typer) -> None:
                 ev.config_fields(name)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--config") from exc
-        runs = ev.plan(config or ev.DEFAULT_CONFIGS, temperature, seeds, seeded)
+        runs = ev.plan(config or ev.DEFAULT_CONFIGS, temperature, seeds, seeded, first_seed)
 
         if answers is not None:
             answers.write_text("")

@@ -192,11 +192,19 @@ async def _ask(session: aiohttp.ClientSession, url: str, model: str, prompt: dic
 
 
 def plan(
-    configs: list[str], temperatures: list[float], seeds: int, seeded: Iterable[str]
+    configs: list[str], temperatures: list[float], seeds: int, seeded: Iterable[str], first_seed: int = 0
 ) -> list[tuple[str, float, int]]:
-    """(config, temperature, seed) runs: greedy once; sampled with `seeds` seeds for `seeded` configs, else one."""
+    """(config, temperature, seed) runs: greedy once; sampled with `seeds` seeds for `seeded` configs, else one.
+
+    Seeds count from `first_seed`, so a later run can add seeds 3, 4, 5 to saved seeds 0, 1, 2.
+    """
     many = set(seeded)
-    return [(c, t, s) for t in temperatures for c in configs for s in range(seeds if t > 0 and c in many else 1)]
+    return [
+        (c, t, s if t > 0 else 0)
+        for t in temperatures
+        for c in configs
+        for s in range(first_seed, first_seed + (seeds if t > 0 and c in many else 1))
+    ]
 
 
 async def run_eval(url: str, model: str, runs: list[tuple[str, float, int]], prompts: list[dict[str, Any]],
