@@ -199,12 +199,13 @@ def plan(
     Seeds count from `first_seed`, so a later run can add seeds 3, 4, 5 to saved seeds 0, 1, 2.
     """
     many = set(seeded)
-    return [
-        (c, t, s if t > 0 else 0)
-        for t in temperatures
-        for c in configs
-        for s in range(first_seed, first_seed + (seeds if t > 0 and c in many else 1))
-    ]
+
+    def seeds_of(config: str, temperature: float) -> range:
+        if temperature <= 0:
+            return range(1)  # greedy: the seed changes nothing
+        return range(first_seed, first_seed + (seeds if config in many else 1))
+
+    return [(c, t, s) for t in temperatures for c in configs for s in seeds_of(c, t)]
 
 
 async def run_eval(url: str, model: str, runs: list[tuple[str, float, int]], prompts: list[dict[str, Any]],
