@@ -68,15 +68,31 @@ def register(eval_app: typer.Typer) -> None:
             False, help="Only prompts every run answered: a request error in any run drops that prompt everywhere."
         ),
         details: bool = typer.Option(False, help="List the prompts that still loop, per run."),
+        category: list[str] = typer.Option([], help="Only these categories (repeatable)."),
+        paired: str = typer.Option(
+            "", help="Also compare this config with each other one, answer for answer at the seeds both ran."
+        ),
     ) -> None:
         """Tables from saved answers, re-judged here (e.g. an eval run on a GPU machine)."""
+        from governor.eval import loops as ev
+        from governor.eval import paired as pairing
         from governor.eval import report
 
         runs = report.read_answers(answers)
+        if category:
+            unknown = sorted(set(category) - set(ev.CATEGORIES))
+            if unknown:
+                known = ", ".join(ev.CATEGORIES)
+                raise typer.BadParameter(f"unknown {unknown}; known: {known}", param_hint="--category")
+            runs = [run.part(lambda p: p["category"] in category) for run in runs]
         if common:
             runs, dropped = report.common_part(runs)
             typer.echo(f"{len(dropped)} prompts dropped (a request error in some run): {sorted(dropped)}")
         typer.echo(report.full_report(runs, "all"))
+        if paired:
+            if not any(run.config == paired for run in runs):
+                raise typer.BadParameter(f"no run of config {paired!r} in these answers", param_hint="--paired")
+            typer.echo("\n" + pairing.table(paired, pairing.compare(runs, paired)))
         if details:
             for run in runs:
                 typer.echo(f"{run.config} t={run.temperature:g} seed={run.seed}: looping {report.looping(run)}")

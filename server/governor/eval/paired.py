@@ -1,0 +1,113 @@
+"""One config against each other config, answer against answer: same prompt, same temperature, same seed.
+
+Any control that changes a logit changes what the seeded sampler draws from then on, so two configs' sampled
+rates are two draws, and on this eval they move by several answers in a hundred from seed to seed. Pairing
+answers and resampling prompts (each with all of its seeds, since one prompt's answers are not independent)
+gives a 95% interval for the difference: whether a gap is more than that noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from governor.eval.loops import Answer, Run
+
+RESAMPLES = 10_000
+
+# Per answer: (included in this measure, its value). Loops count outside "repeat"; checks in fact / repeat.
+MEASURES: dict[str, Callable[[Answer], tuple[bool, int]]] = {
+    "loops": lambda a: (a.prompt["category"] != "repeat", int(a.loops)),
+    "factual": lambda a: (a.prompt["category"] == "fact", int(a.correct)),
+    "intended": lambda a: (a.prompt["category"] == "repeat", int(a.correct)),
+}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Counts of one measure for the base config and another, over the answers both have."""
+
+    base: int
+    other: int
+    answers: int
+    low: float  # 95% interval of base - other, in answers
+    high: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    config: str
+    temperature: float
+    seeds: list[int]
+    differences: dict[str, Difference]
+
+
+def _by_key(runs: list[Run]) -> dict[tuple[str, float, int], dict[str, Answer]]:
+    return {(r.config, r.temperature, r.seed): {a.prompt["id"]: a for a in r.answers if not a.error} for r in runs}
+
+
+def difference(pairs: list[tuple[str, int, int]], rng: np.random.Generator) -> Difference:
+    """(prompt id, base value, other value) per paired answer -> counts and a prompt-clustered bootstrap."""
+    per_prompt: dict[str, int] = {}
+    for prompt_id, base, other in pairs:
+        per_prompt[prompt_id] = per_prompt.get(prompt_id, 0) + base - other
+    sums = np.array(list(per_prompt.values()), dtype=np.int64)
+    if len(sums) == 0:
+        return Difference(0, 0, 0, 0.0, 0.0)
+    draws = sums[rng.integers(0, len(sums), size=(RESAMPLES, len(sums)))].sum(axis=1)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Difference(sum(p[1] for p in pairs), sum(p[2] for p in pairs), len(pairs), float(low), float(high))
+
+
+def compare(runs: list[Run], base: str) -> list[Comparison]:
+    """`base` against every other config at each temperature, over the seeds both ran and prompts both answered."""
+    answers = _by_key(runs)
+    others = sorted({(c, t) for c, t, _ in answers if c != base}, key=lambda k: (k[1], k[0]))
+    out = []
+    for config, temperature in others:
+        seeds = sorted(s for c, t, s in answers if (c, t) == (config, temperature) and (base, t, s) in answers)
+        if not seeds:
+            continue
+        rng = np.random.default_rng(0)  # fixed, so a report prints the same interval every time
+        differences = {}
+        for name, measure in MEASURES.items():
+            pairs = []
+            for seed in seeds:
+                mine, theirs = answers[(base, temperature, seed)], answers[(config, temperature, seed)]
+                for prompt_id in mine.keys() & theirs.keys():
+                    counted, value = measure(mine[prompt_id])
+                    if counted:
+                        pairs.append((prompt_id, value, measure(theirs[prompt_id])[1]))
+            differences[name] = difference(pairs, rng)
+        out.append(Comparison(config, temperature, seeds, differences))
+    return out
+
+
+def _cell(d: Difference) -> str:
+    if not d.answers:
+        return "-"
+    return f"{d.base} vs {d.other} of {d.answers}: {d.base - d.other:+d} ({d.low:+.0f} to {d.high:+.0f})"
+
+
+def table(base: str, comparisons: list[Comparison]) -> str:
+    """Markdown: one row per other config and temperature; each cell is base vs other, base - other (95%)."""
+    head = (
+        f"*`{base}` against each config, answer for answer (base vs other, difference, 95% interval; "
+        "fewer loops and more passed checks are better):*\n"
+        "| config | temp | seeds | loops | factual | intended rep. |\n|---|---:|---|---|---|---|"
+    )
+    rows = [
+        f"| {c.config} | {c.temperature:g} | {_seeds(c.seeds)} | "
+        + " | ".join(_cell(c.differences[name]) for name in MEASURES)
+        + " |"
+        for c in comparisons
+    ]
+    return "\n".join([head, *rows])
+
+
+def _seeds(seeds: list[int]) -> str:
+    if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
