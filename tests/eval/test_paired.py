@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,11 @@ def test_report_cli_filters_categories_and_pairs(tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "known: story" in unknown.output
     missing = runner.invoke(app, ["report", str(path), "--paired", "strict"])
     assert missing.exit_code == 2 and "no run of config 'strict'" in missing.output
+
+
+def test_the_interval_does_not_depend_on_the_order_answers_arrive_in() -> None:
+    draw = random.Random(5)  # varied per-prompt sums: with uniform ones any order gives the same percentiles
+    pairs = [(f"p{i:02d}", int(draw.random() < 0.7), int(draw.random() < 0.6)) for i in range(30) for _ in range(6)]
+    forward = paired.difference(pairs, np.random.default_rng(0))
+    backward = paired.difference(pairs[::-1], np.random.default_rng(0))
+    assert forward == backward

@@ -53,7 +53,8 @@ def difference(pairs: list[tuple[str, int, int]], rng: np.random.Generator) -> D
     per_prompt: dict[str, int] = {}
     for prompt_id, base, other in pairs:
         per_prompt[prompt_id] = per_prompt.get(prompt_id, 0) + base - other
-    sums = np.array(list(per_prompt.values()), dtype=np.int64)
+    # In prompt order, not arrival order (set order varies by process): a report prints the same interval each time.
+    sums = np.array([per_prompt[k] for k in sorted(per_prompt)], dtype=np.int64)
     if len(sums) == 0:
         return Difference(0, 0, 0, 0.0, 0.0)
     draws = sums[rng.integers(0, len(sums), size=(RESAMPLES, len(sums)))].sum(axis=1)
