@@ -71,7 +71,6 @@ def compare(runs: list[Run], base: str) -> list[Comparison]:
         seeds = sorted(s for c, t, s in answers if (c, t) == (config, temperature) and (base, t, s) in answers)
         if not seeds:
             continue
-        rng = np.random.default_rng(0)  # fixed, so a report prints the same interval every time
         differences = {}
         for name, measure in MEASURES.items():
             pairs = []
@@ -81,7 +80,8 @@ def compare(runs: list[Run], base: str) -> list[Comparison]:
                     counted, value = measure(mine[prompt_id])
                     if counted:
                         pairs.append((prompt_id, value, measure(theirs[prompt_id])[1]))
-            differences[name] = difference(pairs, rng)
+            # A fixed generator per measure: an interval depends on its own pairs only, not on what else is reported.
+            differences[name] = difference(pairs, np.random.default_rng(0))
         out.append(Comparison(config, temperature, seeds, differences))
     return out
 
