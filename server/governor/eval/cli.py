@@ -88,10 +88,10 @@ def register(eval_app: typer.Typer) -> None:
         if common:
             runs, dropped = report.common_part(runs)
             typer.echo(f"{len(dropped)} prompts dropped (a request error in some run): {sorted(dropped)}")
+        if paired and not any(run.config == paired for run in runs):
+            raise typer.BadParameter(f"no run of config {paired!r} in these answers", param_hint="--paired")
         typer.echo(report.full_report(runs, "all"))
         if paired:
-            if not any(run.config == paired for run in runs):
-                raise typer.BadParameter(f"no run of config {paired!r} in these answers", param_hint="--paired")
             typer.echo("\n" + pairing.table(paired, pairing.compare(runs, paired)))
         if details:
             for run in runs:
