@@ -37,6 +37,7 @@ def test_identical_runs_differ_by_nothing() -> None:
     assert c.differences["factual"] == paired.Difference(6, 6, 10, 0.0, 0.0)
     assert c.differences["loops"] == paired.Difference(0, 0, 11, 0.0, 0.0)
     assert c.differences["intended"].answers == 0
+    assert (c.same_text, c.paired) == (11, 11)
 
 
 def test_counts_pair_only_the_seeds_both_ran_and_the_interval_brackets_the_difference() -> None:
@@ -47,6 +48,7 @@ def test_counts_pair_only_the_seeds_both_ran_and_the_interval_brackets_the_diffe
     assert (fact.base, fact.other, fact.answers) == (10, 5, 10)
     assert 0 < fact.low <= 5 <= fact.high <= 10  # five prompts right only for "a": the gap is no accident
     assert (c.differences["loops"].base, c.differences["loops"].other) == (0, 1)
+    assert (c.same_text, c.paired) == (5, 11)  # five facts wrong for "b" and its story loops
 
 
 def test_one_prompt_with_all_its_seeds_is_one_draw() -> None:
@@ -61,7 +63,7 @@ def test_one_prompt_with_all_its_seeds_is_one_draw() -> None:
 def test_table_names_each_comparison() -> None:
     runs = [_run("a", s, 8) for s in range(3)] + [_run("b", s, 9) for s in range(3)]
     text = paired.table("a", paired.compare(runs, "a"))
-    assert "| b | 0.7 | 0-2 | 0 vs 0 of 33: +0 (+0 to +0) | 24 vs 27 of 30: -3 (" in text
+    assert "| b | 0.7 | 0-2 | 30 of 33 | 0 vs 0 of 33: +0 (+0 to +0) | 24 vs 27 of 30: -3 (" in text
     assert text.rstrip().endswith("| - |")
 
 
@@ -74,7 +76,7 @@ def test_report_cli_filters_categories_and_pairs(tmp_path: Path) -> None:
     ok = runner.invoke(app, ["report", str(path), "--category", "fact", "--paired", "balanced"])
     assert ok.exit_code == 0, ok.output
     assert "| balanced | 0.7 | 1 | 0.0% | 0 | 70.0% |" in ok.output  # the story's loop is filtered out
-    assert "| off | 0.7 | 0 | 0 vs 0 of 10: +0 (+0 to +0) | 7 vs 4 of 10: +3 (" in ok.output
+    assert "| off | 0.7 | 0 | 7 of 10 | 0 vs 0 of 10: +0 (+0 to +0) | 7 vs 4 of 10: +3 (" in ok.output
     unknown = runner.invoke(app, ["report", str(path), "--category", "facts"])
     assert unknown.exit_code == 2 and "known: story" in unknown.output
     missing = runner.invoke(app, ["report", str(path), "--paired", "strict"])

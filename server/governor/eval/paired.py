@@ -42,6 +42,8 @@ class Comparison:
     temperature: float
     seeds: list[int]
     differences: dict[str, Difference]
+    same_text: int  # answer pairs written token for token alike: where neither config's controls changed a draw
+    paired: int
 
 
 def _by_key(runs: list[Run]) -> dict[tuple[str, float, int], dict[str, Answer]]:
@@ -71,18 +73,22 @@ def compare(runs: list[Run], base: str) -> list[Comparison]:
         seeds = sorted(s for c, t, s in answers if (c, t) == (config, temperature) and (base, t, s) in answers)
         if not seeds:
             continue
+        couples = [
+            (answers[(base, temperature, seed)][i], answers[(config, temperature, seed)][i])
+            for seed in seeds
+            for i in sorted(answers[(base, temperature, seed)].keys() & answers[(config, temperature, seed)].keys())
+        ]
+        same_text = sum(mine.text == theirs.text for mine, theirs in couples)
         differences = {}
         for name, measure in MEASURES.items():
             pairs = []
-            for seed in seeds:
-                mine, theirs = answers[(base, temperature, seed)], answers[(config, temperature, seed)]
-                for prompt_id in mine.keys() & theirs.keys():
-                    counted, value = measure(mine[prompt_id])
-                    if counted:
-                        pairs.append((prompt_id, value, measure(theirs[prompt_id])[1]))
+            for mine, theirs in couples:
+                counted, value = measure(mine)  # the judge is not cheap on a long answer: once per answer
+                if counted:
+                    pairs.append((mine.prompt["id"], value, measure(theirs)[1]))
             # A fixed generator per measure: an interval depends on its own pairs only, not on what else is reported.
             differences[name] = difference(pairs, np.random.default_rng(0))
-        out.append(Comparison(config, temperature, seeds, differences))
+        out.append(Comparison(config, temperature, seeds, differences, same_text, len(couples)))
     return out
 
 
@@ -97,10 +103,10 @@ def table(base: str, comparisons: list[Comparison]) -> str:
     head = (
         f"*`{base}` against each config, answer for answer (base vs other, difference, 95% interval; "
         "fewer loops and more passed checks are better):*\n"
-        "| config | temp | seeds | loops | factual | intended rep. |\n|---|---:|---|---|---|---|"
+        "| config | temp | seeds | same text | loops | factual | intended rep. |\n|---|---:|---|---:|---|---|---|"
     )
     rows = [
-        f"| {c.config} | {c.temperature:g} | {_seeds(c.seeds)} | "
+        f"| {c.config} | {c.temperature:g} | {_seeds(c.seeds)} | {c.same_text} of {c.paired} | "
         + " | ".join(_cell(c.differences[name]) for name in MEASURES)
         + " |"
         for c in comparisons
