@@ -75,12 +75,17 @@ def test_report_cli_filters_categories_and_pairs(tmp_path: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["report", str(path), "--category", "fact", "--paired", "balanced"])
     assert ok.exit_code == 0, ok.output
-    assert "| balanced | 0.7 | 1 | 0.0% | 0 | 70.0% |" in ok.output  # the story's loop is filtered out
+    assert "| off | 0.7 | 1 | 0.0% | 0 | 40.0% |" in ok.output  # its story loops: filtered out (9.1% with it)
     assert "| off | 0.7 | 0 | 7 of 10 | 0 vs 0 of 10: +0 (+0 to +0) | 7 vs 4 of 10: +3 (" in ok.output
     unknown = runner.invoke(app, ["report", str(path), "--category", "facts"])
     assert unknown.exit_code == 2 and "known: story" in unknown.output
     missing = runner.invoke(app, ["report", str(path), "--paired", "strict"])
     assert missing.exit_code == 2 and "no run of config 'strict'" in missing.output
+    assert "### All prompts" not in missing.output  # refused before an hour of tables scrolls it away
+    twice = tmp_path / "again.jsonl"
+    twice.write_bytes(path.read_bytes())
+    again = runner.invoke(app, ["report", str(path), str(twice)])
+    assert again.exit_code == 2 and "answers fact-01 a second time" in again.output
 
 
 def test_the_interval_does_not_depend_on_the_order_answers_arrive_in() -> None:
@@ -101,3 +106,30 @@ def test_an_interval_depends_on_its_own_answers_only() -> None:
     whole, narrow = paired.compare(runs, "a")[0], paired.compare(facts_only, "a")[0]
     assert whole.differences["factual"] == narrow.differences["factual"]
     assert whole.differences["loops"].answers == 66 and narrow.differences["loops"].answers == 60
+
+
+def test_failed_requests_other_temperatures_and_missing_bases_pair_with_nothing() -> None:
+    base, other = _run("a", 1, 10), _run("b", 1, 0)
+    other.answers[0] = ev.Answer(FACTS[0], error="503: engine_unavailable")
+    greedy = ev.Run("b", 0.0, 1, [ev.Answer(p, "I do not know.", "stop") for p in FACTS])
+    (no_partner, c) = paired.compare([base, other, greedy], "a")
+    assert (no_partner.temperature, no_partner.seeds, no_partner.paired) == (0.0, [], 0)
+    assert c.differences["factual"].answers == 9  # the failed request is no wrong answer
+    text = paired.table("a", [no_partner, c])
+    assert "| b | 0 | none in common | 0 of 0 | - | - | - |" in text
+
+
+def test_loops_leave_out_the_repeat_tasks_which_count_as_intended() -> None:
+    task = next(p for p in ev.load_prompts(categories=["repeat"]) if p["check"]["type"] == "count")
+    looped = "stop, " * 40  # a loop, and a failed "repeat n times" (too many)
+    runs = [ev.Run(c, 0.7, s, [ev.Answer(task, looped if c == "b" else "x", "stop")]) for c in "ab" for s in (0, 2)]
+    (c,) = paired.compare(runs, "a")
+    assert c.differences["loops"].answers == 0 and c.differences["intended"].answers == 2
+    assert "| b | 0.7 | 0, 2 |" in paired.table("a", [c])
+
+
+def test_an_interval_end_just_under_zero_prints_as_plus_zero() -> None:
+    cell = paired.table(
+        "a", [paired.Comparison("b", 0.7, [0], {"factual": paired.Difference(3, 1, 9, -0.4, 4.6)}, 5, 9)]
+    )
+    assert "3 vs 1 of 9: +2 (+0 to +5)" in cell and "-0" not in cell

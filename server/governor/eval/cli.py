@@ -78,7 +78,10 @@ def register(eval_app: typer.Typer) -> None:
         from governor.eval import paired as pairing
         from governor.eval import report
 
-        runs = report.read_answers(answers)
+        try:
+            runs = report.read_answers(answers)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="answers") from exc
         if category:
             unknown = sorted(set(category) - set(ev.CATEGORIES))
             if unknown:

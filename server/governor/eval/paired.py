@@ -15,6 +15,8 @@ import numpy as np
 
 from governor.eval.loops import Answer, Run
 
+# Fixed generator and draw count: a report prints the same interval every time (on one NumPy: its streams may
+# change between major versions, which could move a printed end by one).
 RESAMPLES = 10_000
 
 # Per answer: (included in this measure, its value). Loops count outside "repeat"; checks in fact / repeat.
@@ -38,6 +40,8 @@ class Difference:
 
 @dataclass(frozen=True)
 class Comparison:
+    """The base config against one other config at one temperature; no seeds: no run of the base to pair with."""
+
     config: str
     temperature: float
     seeds: list[int]
@@ -72,11 +76,12 @@ def compare(runs: list[Run], base: str) -> list[Comparison]:
     for config, temperature in others:
         seeds = sorted(s for c, t, s in answers if (c, t) == (config, temperature) and (base, t, s) in answers)
         if not seeds:
+            out.append(Comparison(config, temperature, [], {}, 0, 0))
             continue
         couples = [
             (answers[(base, temperature, seed)][i], answers[(config, temperature, seed)][i])
             for seed in seeds
-            for i in sorted(answers[(base, temperature, seed)].keys() & answers[(config, temperature, seed)].keys())
+            for i in answers[(base, temperature, seed)].keys() & answers[(config, temperature, seed)].keys()
         ]
         same_text = sum(mine.text == theirs.text for mine, theirs in couples)
         differences = {}
@@ -92,22 +97,24 @@ def compare(runs: list[Run], base: str) -> list[Comparison]:
     return out
 
 
-def _cell(d: Difference) -> str:
-    if not d.answers:
+def _cell(d: Difference | None) -> str:
+    if d is None or not d.answers:
         return "-"
-    return f"{d.base} vs {d.other} of {d.answers}: {d.base - d.other:+d} ({d.low:+.0f} to {d.high:+.0f})"
+    low, high = round(d.low), round(d.high)  # ints: an end just under 0 prints +0, not -0
+    return f"{d.base} vs {d.other} of {d.answers}: {d.base - d.other:+d} ({low:+d} to {high:+d})"
 
 
 def table(base: str, comparisons: list[Comparison]) -> str:
     """Markdown: one row per other config and temperature; each cell is base vs other, base - other (95%)."""
     head = (
         f"*`{base}` against each config, answer for answer (base vs other, difference, 95% interval; "
-        "fewer loops and more passed checks are better):*\n"
+        "fewer loops and more passed checks are better; where few pairs differ, see `same text`, an interval is "
+        "narrow by construction):*\n"
         "| config | temp | seeds | same text | loops | factual | intended rep. |\n|---|---:|---|---:|---|---|---|"
     )
     rows = [
         f"| {c.config} | {c.temperature:g} | {_seeds(c.seeds)} | {c.same_text} of {c.paired} | "
-        + " | ".join(_cell(c.differences[name]) for name in MEASURES)
+        + " | ".join(_cell(c.differences.get(name)) for name in MEASURES)
         + " |"
         for c in comparisons
     ]
@@ -115,6 +122,8 @@ def table(base: str, comparisons: list[Comparison]) -> str:
 
 
 def _seeds(seeds: list[int]) -> str:
+    if not seeds:
+        return "none in common"
     if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
         return f"{seeds[0]}-{seeds[-1]}"
     return ", ".join(map(str, seeds))

@@ -116,11 +116,16 @@ def read_answers(paths: list[Path]) -> list[Run]:
     run on another machine can be reported, re-judged or compared here."""
     prompts = {p["id"]: p for p in load_prompts()}
     runs: dict[tuple[str, float, int], Run] = {}
+    seen: set[tuple[str, float, int, str]] = set()
     for path in paths:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         for line in filter(None, raw.decode("utf-8").split("\n")):  # not splitlines: U+2028 in texts
             row = json.loads(line)
             key = (row["config"], float(row["temperature"]), int(row["seed"]))
+            if (*key, row["id"]) in seen:  # counted twice in the tables, once when paired: refuse instead
+                raise ValueError(f"{path}: {row['config']} t={key[1]:g} seed={key[2]} answers {row['id']} a second "
+                                 "time (the same run in two files?)")  # fmt: skip
+            seen.add((*key, row["id"]))
             run = runs.setdefault(key, Run(*key))
             run.answers.append(Answer(prompts[row["id"]], row["text"], row["finish"], row["stop_reason"],
                                       int(row["tokens"]), row["error"]))  # fmt: skip
