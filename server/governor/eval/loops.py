@@ -149,20 +149,29 @@ class Metrics:
     errors: int
 
 
-def _share(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else float("nan")
+# What each rate counts, per answer: (counted in this rate, its value). Loops in every category but "repeat";
+# checks in "fact" and "repeat". The tables and the paired comparison (eval/paired.py) both read this.
+MEASURES: dict[str, Callable[[Answer], tuple[bool, int]]] = {
+    "loops": lambda a: (a.prompt["category"] != "repeat", int(a.loops)),
+    "factual": lambda a: (a.prompt["category"] == "fact", int(a.correct)),
+    "intended": lambda a: (a.prompt["category"] == "repeat", int(a.correct)),
+}
+
+
+def _share(answers: list[Answer], measure: str) -> float:
+    values = [value for counted, value in map(MEASURES[measure], answers) if counted]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def metrics(run: Run) -> Metrics:
     """Rates over the answers that came back: a failed request is counted in `errors`, not as an answer
     that neither loops nor passes its check."""
     answered = [a for a in run.answers if not a.error]
-    judged = [a.loops for a in answered if a.prompt["category"] != "repeat"]
     return Metrics(
-        loop_rate=_share(judged),
+        loop_rate=_share(answered, "loops"),
         length_stops=sum(a.finish == "length" for a in answered),
-        factual=_share([a.correct for a in answered if a.prompt["category"] == "fact"]),
-        repetition=_share([a.correct for a in answered if a.prompt["category"] == "repeat"]),
+        factual=_share(answered, "factual"),
+        repetition=_share(answered, "intended"),
         tokens=sum(a.tokens for a in answered),
         cuts=sum(a.stop_reason == "loop_detected" or a.finish == "repetition" for a in answered),
         errors=len(run.answers) - len(answered),

@@ -8,23 +8,15 @@ gives a 95% interval for the difference: whether a gap is more than that noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from governor.eval.loops import Answer, Run
+from governor.eval.loops import MEASURES, Answer, Run
 
 # Fixed generator and draw count: a report prints the same interval every time (on one NumPy: its streams may
 # change between major versions, which could move a printed end by one).
 RESAMPLES = 10_000
-
-# Per answer: (included in this measure, its value). Loops count outside "repeat"; checks in fact / repeat.
-MEASURES: dict[str, Callable[[Answer], tuple[bool, int]]] = {
-    "loops": lambda a: (a.prompt["category"] != "repeat", int(a.loops)),
-    "factual": lambda a: (a.prompt["category"] == "fact", int(a.correct)),
-    "intended": lambda a: (a.prompt["category"] == "repeat", int(a.correct)),
-}
 
 
 @dataclass(frozen=True)
