@@ -35,8 +35,9 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     metrics.registry.register(gpu)
     metrics.registry.register(EngineCollector(lambda: pool.engines))
     adapters = registry.slots if registry is not None else lambda: ()
+    loading = registry.waiting_by_name if registry is not None else dict
     model_server = ModelServerSeries(
-        metrics.flights, lambda: pool.served_model, settings.max_loras if settings.lora else None, adapters
+        metrics.flights, lambda: pool.served_model, settings.max_loras if settings.lora else None, adapters, loading
     )
     engine_scraper = EngineScraper(model_server=model_server)
     if registry is not None:

@@ -93,6 +93,19 @@ class EngineUnavailable(GovernorError):
     code = "engine_unavailable"
 
 
+class AdapterWaitTimeout(EngineUnavailable):
+    """Every engine slot for adapters stayed in use while the request waited: retry, never a refusal for room."""
+
+    code = "adapter_wait_timeout"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, param="model")
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
 class DeadlineExceeded(GovernorError):
     status = 504
     type = "server_error"

@@ -63,12 +63,13 @@ class GenerationService:
         """The scope one request runs in (opened by the route before it parses the body, so a 400 counts)."""
         return RequestScope(endpoint, client, self.metrics, self.settings.request_timeout)
 
-    async def resolve(self, name: str) -> Target:
+    async def resolve(self, name: str, wait: float | None = None) -> Target:
+        """The target `name` names; an adapter not in the engines is loaded, waiting up to `wait` s for room."""
         base = self.pool.served_model
         if name == base:
             return Target(public_name=name, upstream_model=name)
         if self.adapters is not None:
-            target = await self.adapters.target(name)
+            target = await self.adapters.target(name, wait)
             if target is not None:
                 return target
         known = f" Available: '{base}'." if base else ""
@@ -98,7 +99,7 @@ class GenerationService:
                 code="too_many_sequences",
             )
         self._admit_quota(scope, req)  # before any work: a 429 costs nothing
-        target = await self.resolve(req.model)
+        target = await self.resolve(req.model, min(self.settings.adapter_wait_seconds, scope.remaining()))
         scope.hold(target)
         scope.label = self.metrics.model_label(target.public_name)
         salt = None

@@ -64,7 +64,23 @@ class Settings(BaseSettings):
     lora: bool = Field(True, description="Start the engine with LoRA enabled (costs ~10% throughput on CPU).")
     adapters_dir: Path = Field(Path("adapters"), description="Adapters root, watched for PEFT folders.")
     watch_adapters: bool = Field(True, description="Load/unload adapters when folders appear/disappear.")
-    max_loras: int = Field(4, ge=1, le=256, description="Adapters the engine holds at once (LRU beyond).")
+    max_loras: int = Field(
+        4, ge=1, le=256, description="Adapters in one engine batch (GPU slots, vLLM --max-loras); more wait in queue."
+    )
+    max_cpu_loras: int = Field(
+        32, ge=1, le=4096,
+        description="Adapters registered in each engine (host memory, vLLM --max-cpu-loras); Governor evicts the "
+        "least recently used idle one to make room. Raised to MAX_LORAS if lower.",
+    )  # fmt: skip
+    adapter_wait_seconds: float = Field(
+        60.0, gt=0,
+        description="Longest a request waits for room in the engine for its adapter (503 adapter_wait_timeout past "
+        "it); the request's deadline bounds it too.",
+    )  # fmt: skip
+    object_cache_bytes: int = Field(
+        8 * 1024**3, ge=1024 * 1024,
+        description="Disk bound for adapters fetched from an object store (s3://, file://); LRU beyond.",
+    )  # fmt: skip
     max_lora_rank: int = Field(
         16,
         ge=1,
@@ -139,6 +155,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @property
+    def engine_adapter_slots(self) -> int:
+        """Adapters each engine keeps registered: MAX_CPU_LORAS, never fewer than the batch's MAX_LORAS."""
+        return max(self.max_cpu_loras, self.max_loras)
 
     @property
     def resolved_state_dir(self) -> Path:

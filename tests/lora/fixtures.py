@@ -120,7 +120,7 @@ async def running_engine(fake: CountingEngine) -> AsyncIterator[Engine]:
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "adapters_dir": tmp_path / "adapters", "state_dir": tmp_path / "state", "watch_adapters": False,
-        "max_loras": 2, "max_lora_rank": 16, "admin_key": "k",
+        "max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 16, "admin_key": "k",
     }  # fmt: skip
     values.update(overrides)
     return Settings(**values)

@@ -69,7 +69,7 @@ async def test_concurrent_targets_of_evicted_adapter_load_once(
 ) -> None:
     factory.copy("good", root / "a")
     factory.copy("good", root / "b")
-    registry = make_registry(max_loras=1)
+    registry = make_registry(max_loras=1, max_cpu_loras=1)
     await registry.start()
     await registry.load("a", "a")
     await registry.load("b", "b")  # evicts a
@@ -92,43 +92,58 @@ async def test_lru_eviction_and_pinning(
     for name in "abcd":
         factory.copy("good", root / name)
     metrics = CollectorRegistry()
-    settings_registry = make_registry(max_loras=2)
+    settings_registry = make_registry(max_loras=2, max_cpu_loras=3)
     registry = AdapterRegistry(settings_registry.settings, settings_registry.pool, settings_registry.base, metrics)
     await registry.start()
     await registry.load("a", "a", pin=True)
     await registry.load("b", "b")
+    await registry.load("c", "c")
     used = await registry.target("a")  # a is now the most recently used; it is pinned anyway
     assert used is not None
     used.done()
-    await registry.load("c", "c")  # evicts b: a is pinned
-    assert {x["name"]: x["state"] for x in registry.list()} == {"a": "ready", "b": "evicted", "c": "ready"}
-    assert registry.ready_names() == ["a", "c"] and registry.servable_names() == ["a", "b", "c"]
-    assert set(engine.fake.loaded) == {"a", "c"}
+    await registry.load("d", "d")  # evicts b (least recently used, unpinned)
+    assert {x["name"]: x["state"] for x in registry.list()} == {"a": "ready", "b": "evicted", "c": "ready", "d": "ready"}
+    assert {x["name"]: x["tier"] for x in registry.list()} == {"a": "engine", "b": "registry", "c": "engine",
+                                                               "d": "engine"}  # fmt: skip
+    assert registry.ready_names() == ["a", "c", "d"] and registry.servable_names() == ["a", "b", "c", "d"]
+    assert set(engine.fake.loaded) == {"a", "c", "d"}
 
-    held = await registry.target("c")  # c has a request in flight: not evictable either
-    assert held is not None
-    with pytest.raises(Conflict) as info:
-        await registry.load("d", "d")
-    assert info.value.code == "adapter_slots_full"
-    assert state(registry, "d") == "discovered"  # not poisoned: loads once a slot frees
-    held.done()
-    await registry.load("d", "d")
-    assert state(registry, "c") == "evicted" and set(engine.fake.loaded) == {"a", "d"}
+    # c and d have requests in flight, a is pinned: b waits for room instead of being refused ...
+    held = [await registry.target("c"), await registry.target("d")]
+    waiting = asyncio.ensure_future(registry.target("b"))
+    await wait_until(lambda: registry.loader.waiting_for_room == 1, 5, "b to wait for room")
+    assert registry.waiting() == 1 and registry.waiting_by_name() == {"b": 1} and state(registry, "b") == "evicted"
+    assert "governor_adapter_requests_waiting 1.0" in generate_latest(metrics).decode()
+    held[1].done()  # ... and takes d's slot the moment d is idle
+    got = await asyncio.wait_for(waiting, 5)
+    assert got is not None and got.upstream_model == "b" and set(engine.fake.loaded) == {"a", "b", "c"}
+    got.done()
+    held[0].done()
+    # Past its wait a request gets 503 adapter_wait_timeout with Retry-After, never 409.
+    held = [await registry.target("b"), await registry.target("c")]
+    with pytest.raises(EngineUnavailable) as info:
+        await registry.target("d", wait=0.2)
+    assert (info.value.status, info.value.code) == (503, "adapter_wait_timeout")
+    assert info.value.headers() == {"Retry-After": "1"}
+    assert state(registry, "d") == "evicted" and registry.waiting() == 0  # not poisoned: loads once a slot frees
+    for t in held:
+        t.done()
 
     await registry.pin("a", False)
-    await registry.load("b", "b")  # now a (least recently used, unpinned) goes
-    assert set(engine.fake.loaded) == {"d", "b"}
+    await registry.load("d", "d")  # now a (least recently used, unpinned) goes
+    assert set(engine.fake.loaded) == {"b", "c", "d"}
     await registry.pin("b", True)
-    await registry.pin("c", True)  # pinning loads it, evicting the only unpinned one (d)
-    assert set(engine.fake.loaded) == {"b", "c"}
-    with pytest.raises(Conflict):  # more pins than slots is refused
-        await registry.pin("d", True)
+    await registry.pin("c", True)
+    with pytest.raises(Conflict):  # one engine slot always stays free for unpinned adapters
+        await registry.pin("a", True)
+    assert (await registry.load("a", "a"))["state"] == "ready"  # evicting d, the only unpinned one
+    assert set(engine.fake.loaded) == {"a", "b", "c"}
 
     text = generate_latest(metrics).decode()
     assert "governor_adapter_evictions_total 4.0" in text
     assert 'governor_adapter_unloads_total{reason="evicted"} 4.0' in text
     assert 'governor_adapter_loads_total{result="ok"}' in text
-    assert 'governor_adapters{state="evicted"} 2.0' in text
+    assert 'governor_adapters{state="evicted"} 1.0' in text
     assert "governor_adapter_load_seconds_bucket" in text
 
 

@@ -146,7 +146,7 @@ async def test_staged_copies_live_as_long_as_a_version_uses_them(
     (tmp_path / "state" / "staged" / ".incoming-x").mkdir()
     folder = factory.copy("good", root / "a")
     factory.copy("good", root / "twin")  # the same bytes: one shared copy
-    registry = make_registry(max_loras=4)
+    registry = make_registry(max_loras=4, max_cpu_loras=4)
     await registry.start()
     assert staged_dirs(tmp_path) == []
     await registry.load("a", "a")
@@ -249,7 +249,7 @@ async def test_evicted_adapters_give_their_copy_up(
 ) -> None:
     factory.copy("good", root / "a")
     factory.copy("good2", root / "b")
-    registry = make_registry(max_loras=1)
+    registry = make_registry(max_loras=1, max_cpu_loras=1)
     await registry.start()
     await registry.load("a", "a")
     copy_a = staged_dirs(tmp_path)

@@ -28,7 +28,7 @@ async def test_existing_folders_are_registered_and_loaded_at_start(
     for name in ("a", "b", "c"):
         factory.copy("good", root / name)
     factory.copy("good", root / ".hidden")
-    registry = make_registry(watch_adapters=True, max_loras=2)
+    registry = make_registry(watch_adapters=True, max_loras=2, max_cpu_loras=2)
     await registry.start()
     assert registry.known_names() == ["a", "b", "c"]
     await wait_until(lambda: len(engine.fake.loaded) == 2, 10, "eager loads up to max_loras")

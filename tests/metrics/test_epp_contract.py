@@ -136,7 +136,7 @@ async def test_hot_swap_shows_only_the_public_name(gateway: GatewayFactory) -> N
 
 async def test_evicted_adapters_are_registered_but_not_loaded(gateway: GatewayFactory) -> None:  # noqa: F811
     fake = SlotEngine(slots=2)
-    gw = await gateway(fake=fake, admin_key=ADMIN, max_loras=2)
+    gw = await gateway(fake=fake, admin_key=ADMIN, max_loras=2, max_cpu_loras=2)
     await load(gw, "ev-a")
     await load(gw, "ev-b", pin=True)
     await load(gw, "ev-c")  # beyond the two slots: ev-a (least recently used, not pinned) is evicted
@@ -144,7 +144,9 @@ async def test_evicted_adapters_are_registered_but_not_loaded(gateway: GatewayFa
     assert loaded(text) == {"ev-a": (0.0, "false"), "ev-b": (1.0, "true"), "ev-c": (1.0, "false")}
     assert seen.active_models == seen.waiting_models == set() and seen.max_active_models == 2
     ids = {m["id"] for m in (await gw.client.get("/v1/models")).json()["data"]}
-    assert ids == {"fake-model", "ev-b", "ev-c"}
+    assert ids == {"fake-model", "ev-a", "ev-b", "ev-c"}  # every registered adapter, loaded or not
+    tiers = {s.labels["adapter"]: s.labels["tier"] for s in epp.parse(text)["governor_adapter_loaded"]}
+    assert tiers == {"ev-a": "registry", "ev-b": "engine", "ev-c": "engine"}
 
     tasks = [ask(gw, "ev-a")]  # loaded again on demand; ev-c goes (ev-b is pinned)
     seen, text = await until(gw, lambda m: m.active_models == {"ev-a"}, "ev-a generating")

@@ -56,8 +56,22 @@ def test_several_engines_are_one_series_per_pod() -> None:
     for name in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:cache_config_info"):
         assert [s.labels["engine"] for s in families[name]] == ["all"], name
     assert [(s.labels, s.value) for s in families["governor_adapter_loaded"]] == [
-        ({"adapter": "a", "pinned": "true"}, 1.0), ({"adapter": "b", "pinned": "false"}, 1.0)
-    ]  # fmt: skip
+        ({"adapter": "a", "pinned": "true", "tier": "engine"}, 1.0),
+        ({"adapter": "b", "pinned": "false", "tier": "engine"}, 1.0),
+    ]
+
+
+def test_requests_waiting_for_an_adapter_to_load_are_waiting_for_the_picker() -> None:
+    flights = Flights()
+    flights.admit("b").started()
+    series = ModelServerSeries(flights, lambda: "m", 4, lambda: [("b", True, False), ("c", False, False)],
+                               lambda: {"c": 3})  # fmt: skip
+    text = series.render(["engine-0"], [EngineCache.parse(engine_text(0.5, 1000))])
+    seen = epp.read(text)
+    assert (seen.waiting_queue_size, seen.running_requests_size) == (3, 1)
+    assert seen.active_models == {"b"} and seen.waiting_models == {"c"}
+    loaded = {s.labels["adapter"]: (s.labels["tier"], s.value) for s in epp.parse(text)["governor_adapter_loaded"]}
+    assert loaded == {"b": ("engine", 1.0), "c": ("registry", 0.0)}
 
 
 def test_one_engine_keeps_its_name_and_no_copy_means_no_kv_series() -> None:

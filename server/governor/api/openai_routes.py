@@ -28,7 +28,8 @@ def _body_doc(model: type[Any]) -> dict[str, Any]:
 
 
 def model_cards(request: Request) -> list[dict[str, Any]]:
-    """The base model and every ready adapter (with the base as parent)."""
+    """The base model and every registered adapter (with the base as parent), with its state and tier: a
+    request for one that is not loaded loads it (waiting for room when the engines are full)."""
     pool = request.app.state.pool
     base = pool.served_model
     created = int(request.app.state.started_at)
@@ -39,9 +40,9 @@ def model_cards(request: Request) -> list[dict[str, Any]]:
         cards[0]["governor_merge"] = provenance
     registry = getattr(request.app.state, "registry", None)
     if registry is not None:
-        for name in registry.ready_names():
+        for name, state, tier in registry.listed():
             cards.append({"id": name, "object": "model", "created": created, "owned_by": "governor",
-                          "root": name, "parent": base})  # fmt: skip
+                          "root": name, "parent": base, "state": state, "tier": tier})  # fmt: skip
     return [c for c in cards if c["id"]]
 
 

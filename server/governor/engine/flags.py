@@ -74,7 +74,7 @@ def engine_command(
         cmd += [
             "--enable-lora",
             "--max-loras", str(settings.max_loras),
-            "--max-cpu-loras", str(settings.max_loras),
+            "--max-cpu-loras", str(settings.engine_adapter_slots),
             "--max-lora-rank", str(lora_rank_flag(settings.max_lora_rank)),
         ]  # fmt: skip
     cmd += shlex.split(settings.engine_args)

@@ -58,7 +58,15 @@ class Adapter:
     last_used: float = 0.0  # wall clock, for display
     lru: int = 0  # registry tick of the last use: eviction order, immune to clock jumps
     load_seconds: float | None = None
-    loaded_once: bool = False  # only adapters that loaded at least once are persisted
+    loaded_once: bool = False  # only adapters that loaded at least once (or were registered by API) are persisted
+    waiting: int = 0  # requests waiting for this adapter to load: never evicted while any wait
+    origin: str | None = None  # object-store URL (s3://, file://) it is fetched from; None: a folder under the root
+    origin_version: str | None = None  # the store's version (ETags) of the files last validated
+
+    @property
+    def tier(self) -> str:
+        """Where it lives: `engine` (registered in the engines, LRU unless pinned) or `registry` (known only)."""
+        return "engine" if self.state == AdapterState.READY else "registry"
 
     def describe(self) -> dict[str, Any]:
         """The admin API's view."""
@@ -77,6 +85,9 @@ class Adapter:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used or None,
             "load_seconds": self.load_seconds,
+            "tier": self.tier,
+            "waiting": self.waiting,
+            "source_version": self.origin_version,
         }
 
     def persisted(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from governor.engine.base import EngineClient, EngineState
 from governor.engine.pool import EnginePool
-from governor.errors import Conflict, EngineUnavailable, GovernorError
+from governor.errors import AdapterWaitTimeout, EngineUnavailable, GovernorError
 from governor.lora.adapter import Adapter, AdapterState, Version, internal_name
 from governor.lora.metrics import AdapterMetrics
 from governor.lora.upstream import load_on, unload_on
@@ -37,16 +37,18 @@ class AdapterLoader:
         pool: EnginePool,
         validator: AdapterValidator,
         metrics: AdapterMetrics,
-        max_loras: int,
+        capacity: int,
         adapters: dict[str, Adapter],
         lock: Callable[[str], asyncio.Lock],
         served: Callable[[], str],
         first_load: Callable[[Adapter], None] = lambda a: None,
+        wait_seconds: float = 60.0,
     ) -> None:
         self.pool = pool
         self.validator = validator
         self.metrics = metrics
-        self.max_loras = max_loras
+        self.capacity = capacity  # adapters registered in each engine at once (the engine tier)
+        self.wait_seconds = wait_seconds  # longest a load waits for room when no wait is given
         self.adapters = adapters  # the registry's dict, shared: eviction picks victims from it
         self.lock = lock
         self.served = served
@@ -59,10 +61,13 @@ class AdapterLoader:
         # adapter when it loads, with the reason, instead of every request to it.
         self.compile_profile: Callable[[dict[str, Any]], object] | None = None
         self._slots = asyncio.Lock()
+        self._room = asyncio.Event()  # set (and replaced) whenever room may have appeared
+        self.waiting_for_room = 0  # loads waiting now for an engine slot
         self._tick = 0
 
-    async def load_locked(self, a: Adapter) -> None:
-        """Validate, then load the current version on every ready engine missing it, or a new version."""
+    async def load_locked(self, a: Adapter, wait: float | None = None) -> None:
+        """Validate, then load the current version on every ready engine missing it, or a new version.
+        With every engine slot busy it waits up to `wait` seconds (default: wait_seconds) for one to free."""
         engines = self.pool.ready()
         if not engines:
             raise EngineUnavailable(f"No engine is ready to load adapter '{a.name}'; retry shortly.")
@@ -88,7 +93,8 @@ class AdapterLoader:
                     raise
             if self.after_validation is not None:
                 await self.after_validation(checked)
-            took, old = await self._load_checked(a, checked, engines, before, occupying, serving, started)
+            deadline = time.monotonic() + (self.wait_seconds if wait is None else wait)
+            took, old = await self._load_checked(a, checked, engines, before, occupying, serving, started, deadline)
             a.profile = profile
         finally:
             if not took:
@@ -98,7 +104,7 @@ class AdapterLoader:
 
     async def _load_checked(
         self, a: Adapter, checked: ValidatedAdapter, engines: list[EngineClient], before: AdapterState,
-        occupying: bool, serving: bool, started: float,
+        occupying: bool, serving: bool, started: float, deadline: float,
     ) -> tuple[bool, Version | None]:  # fmt: skip
         """(whether the version took the staged copy's reference, the version it replaced)."""
         v = a.current
@@ -113,18 +119,27 @@ class AdapterLoader:
         if not missing:
             a.state, a.reason = READY, None
             return False, None
-        if not serving:
-            a.state = AdapterState.LOADING
-        async with self._slots:
+        while True:
+            async with self._slots:
+                try:
+                    if occupying or await self.make_room(a):
+                        if not serving:
+                            a.state = AdapterState.LOADING
+                        await self._engine_load(v, missing)
+                        break
+                except EngineUnavailable:
+                    a.state = before  # not the adapter's fault: keep its state, the caller may retry
+                    raise
+                except GovernorError as exc:
+                    self.fail(a, exc, serving)
+                    raise
+                room = self._room
+            if not serving:
+                a.state = before  # known, not in the engines: what it is while it waits
             try:
-                if not occupying:
-                    await self.make_room(a)
-                await self._engine_load(v, missing)
-            except (EngineUnavailable, Conflict):
-                a.state = before  # not the adapter's fault: keep its state, the caller may retry
-                raise
-            except GovernorError as exc:
-                self.fail(a, exc, serving)
+                await self._wait_for_room(a, room, deadline)
+            except BaseException:  # timed out, or the request went away: the adapter is as it was
+                a.state = before
                 raise
         old = None
         if fresh:
@@ -167,24 +182,41 @@ class AdapterLoader:
             a.state, a.reason = AdapterState.FAILED, exc.message
         log.warning("adapter failed to load: %s", exc.message, extra={"adapter": a.name})
 
-    async def make_room(self, a: Adapter) -> None:
-        """Evict least-recently-used adapters until `a` fits; never pinned ones or ones with requests in flight."""
+    async def make_room(self, a: Adapter) -> bool:
+        """Evict least-recently-used idle adapters until `a` fits; False when none can go now (the caller
+        waits). Never pinned ones, ones with requests in flight, or ones with requests waiting to use them."""
         while True:
             occupied = [x for x in self.adapters.values() if x is not a and x.state == READY]
-            if len(occupied) < self.max_loras:
-                return
+            if len(occupied) < self.capacity:
+                return True
             victims = [
                 x for x in occupied
-                if not x.pinned and x.current is not None and x.current.leases == 0 and not self.lock(x.name).locked()
+                if not x.pinned and x.waiting == 0 and x.current is not None and x.current.leases == 0
+                and not self.lock(x.name).locked()
             ]  # fmt: skip
             if not victims:
-                raise Conflict(
-                    f"All {self.max_loras} adapter slots hold pinned adapters or adapters with requests in "
-                    "flight; unpin one, retry later, or raise GOVERNOR_MAX_LORAS.",
-                    param="model",
-                    code="adapter_slots_full",
-                )
+                return False
             await self.evict(min(victims, key=lambda x: x.lru))
+
+    async def _wait_for_room(self, a: Adapter, room: asyncio.Event, deadline: float) -> None:
+        """Wait until a slot may have freed (a lease ended, an adapter went or was unpinned), or refuse at the
+        deadline with 503 + Retry-After: the engine is full of adapters in use, not the request wrong."""
+        self.waiting_for_room += 1
+        try:
+            await asyncio.wait_for(room.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AdapterWaitTimeout(
+                f"Adapter '{a.name}' waited for room in the engine and every one of its {self.capacity} adapter "
+                "slots stayed in use (pinned, or serving requests); retry shortly, or raise GOVERNOR_MAX_CPU_LORAS.",
+                retry_after=1.0,
+            ) from None
+        finally:
+            self.waiting_for_room -= 1
+
+    def room_freed(self) -> None:
+        """Wake every load waiting for a slot: each checks again (in turn, under the slots lock)."""
+        self._room.set()
+        self._room = asyncio.Event()
 
     async def evict(self, victim: Adapter) -> None:
         lock = self.lock(victim.name)
@@ -195,6 +227,7 @@ class AdapterLoader:
             await self.unload_engines(victim.current)
             self.release_copy(victim.current)  # no engine reads it; a reload validates and stages afresh
             victim.state = AdapterState.EVICTED
+            self.room_freed()
             self.metrics.evictions.inc()
             self.metrics.unloads.labels("evicted").inc()
             log.info("adapter evicted (LRU)", extra={"adapter": victim.name})
@@ -216,6 +249,7 @@ class AdapterLoader:
             await self.unload_engines(v)
         finally:
             self.release_copy(v)  # no engine reads this version's copy any more
+        self.room_freed()
         if had:
             self.metrics.unloads.labels(v.retired or "api").inc()
             log.info("adapter version unloaded", extra={"upstream": v.internal, "reason": v.retired})

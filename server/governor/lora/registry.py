@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Coroutine
+import time
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from prometheus_client import CollectorRegistry
 
 from governor.engine.base import EngineClient, EngineState
 from governor.engine.pool import EnginePool
-from governor.errors import AdapterNotFound, Conflict, EngineUnavailable, GovernorError, InvalidRequest
+from governor.errors import (
+    AdapterNotFound,
+    AdapterWaitTimeout,
+    Conflict,
+    EngineUnavailable,
+    GovernorError,
+    InvalidRequest,
+    Overloaded,
+)
 from governor.lora.adapter import Adapter, AdapterState, Source, Version
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.loader import AdapterLoader
@@ -54,7 +63,7 @@ class AdapterRegistry:
             require_base_name=settings.require_adapter_base_name,
         )  # fmt: skip
         self.store = RegistryStore(settings.resolved_state_dir)
-        self.metrics = AdapterMetrics(lambda: [a.state for a in list(self._adapters.values())])
+        self.metrics = AdapterMetrics(lambda: [a.state for a in list(self._adapters.values())], self.waiting)
         if metrics_registry is not None:
             metrics_registry.register(self.metrics)
         self._adapters: dict[str, Adapter] = {}
@@ -63,11 +72,12 @@ class AdapterRegistry:
             pool,
             self.validator,
             self.metrics,
-            settings.max_loras,
+            settings.engine_adapter_slots,
             self._adapters,
             self._lock,
             self._served,
             first_load=lambda a: self._persist(),
+            wait_seconds=settings.adapter_wait_seconds,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: AdapterWatcher | None = None
@@ -75,8 +85,10 @@ class AdapterRegistry:
 
     # -- what the service and metrics see ----------------------------------------------------------
 
-    async def target(self, name: str) -> Target | None:
-        """Where to send a request for adapter `name` (loading it on demand); None if no such adapter."""
+    async def target(self, name: str, wait: float | None = None) -> Target | None:
+        """Where to send a request for adapter `name` (loading it on demand); None if no such adapter.
+        A request for an adapter not in the engines waits for room (at most `wait` seconds, default the
+        settings' ADAPTER_WAIT_SECONDS), joining a load of the same adapter already under way."""
         a = self._adapters.get(name)
         if a is None:
             return None
@@ -84,19 +96,50 @@ class AdapterRegistry:
             return self._lease(a, a.current, live)  # the hot path: no lock, no await
         if a.state == AdapterState.FAILED:
             raise self._failed(a)
-        async with self._lock(name):
-            a = self._adapters.get(name)
-            if a is None:
-                return None
-            if a.state == AdapterState.FAILED:
-                raise self._failed(a)
-            if not (a.state == READY and a.current is not None and self.loader.live(a.current)):
-                await self.loader.load_locked(a)
-            assert a.current is not None
-            live = self.loader.live(a.current)
-            if not live:
-                raise EngineUnavailable(f"No engine is ready to serve adapter '{name}'; retry shortly.")
-            return self._lease(a, a.current, live)
+        if self.waiting() >= self.settings.max_queued * max(1, len(self.pool.engines)):
+            raise Overloaded("Too many requests are waiting for adapters to load; retry shortly.", retry_after=1.0)
+        deadline = time.monotonic() + (self.settings.adapter_wait_seconds if wait is None else wait)
+        waiter = a
+        waiter.waiting += 1
+        try:
+            async with self._locked(name, deadline):
+                a = self._adapters.get(name)
+                if a is None:
+                    return None
+                if a.state == AdapterState.FAILED:
+                    raise self._failed(a)
+                if not (a.state == READY and a.current is not None and self.loader.live(a.current)):
+                    await self.loader.load_locked(a, max(0.0, deadline - time.monotonic()))
+                assert a.current is not None
+                live = self.loader.live(a.current)
+                if not live:
+                    raise EngineUnavailable(f"No engine is ready to serve adapter '{name}'; retry shortly.")
+                return self._lease(a, a.current, live)
+        finally:
+            waiter.waiting -= 1
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str, deadline: float) -> AsyncIterator[None]:
+        """The adapter's lock, waited for until `deadline` (a load of it under way may itself wait for room)."""
+        lock = self._lock(name)
+        try:
+            await asyncio.wait_for(lock.acquire(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AdapterWaitTimeout(
+                f"Adapter '{name}' is still waiting for room in the engine; retry shortly, or raise "
+                "GOVERNOR_MAX_CPU_LORAS.",
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def waiting(self) -> int:
+        """Requests waiting now for their adapter to be loaded (counted in the metrics and the picker's queue)."""
+        return sum(a.waiting for a in self._adapters.values())
+
+    def waiting_by_name(self) -> dict[str, int]:
+        return {n: a.waiting for n, a in self._adapters.items() if a.waiting}
 
     def ready_names(self) -> list[str]:
         return sorted(n for n, a in self._adapters.items() if a.state == READY)
@@ -105,6 +148,11 @@ class AdapterRegistry:
         """Names a request may use now: ready ones and those loaded on demand (not failed or going away)."""
         gone = (AdapterState.FAILED, AdapterState.UNLOADING)
         return sorted(n for n, a in self._adapters.items() if a.state not in gone)
+
+    def listed(self) -> list[tuple[str, str, str]]:
+        """(name, state, tier) of every registered adapter not going away, by name: /v1/models."""
+        gone = AdapterState.UNLOADING
+        return [(n, a.state.value, a.tier) for n, a in sorted(self._adapters.items()) if a.state != gone]
 
     def slots(self) -> list[tuple[str, bool, bool]]:
         """(name, loaded on the engines, pinned) per registered adapter: the model-server series."""
@@ -278,13 +326,13 @@ class AdapterRegistry:
                     log.warning("adapter '%s' not restored: %s", a.name, exc.message)
         discovered = [a for a in self._adapters.values() if a.state == AdapterState.DISCOVERED]
         for a in sorted(discovered, key=lambda a: (not a.pinned, a.source != "api", a.name)):
-            if sum(x.state == READY for x in self._adapters.values()) >= self.settings.max_loras:
+            if sum(x.state == READY for x in self._adapters.values()) >= self.settings.engine_adapter_slots:
                 break
             async with self._lock(a.name):
                 if self._adapters.get(a.name) is not a or a.state != AdapterState.DISCOVERED:
                     continue
                 try:
-                    await self.loader.load_locked(a)
+                    await self.loader.load_locked(a, wait=0)
                 except EngineUnavailable:
                     return
                 except GovernorError as exc:
@@ -310,8 +358,11 @@ class AdapterRegistry:
                 return
             released = True
             v.leases -= 1
-            if v.retired is not None and v.leases == 0:
-                self._spawn(self.loader.drop(v))
+            if v.leases == 0:
+                if v.retired is not None:
+                    self._spawn(self.loader.drop(v))
+                else:
+                    self.loader.room_freed()  # idle now: evictable, so a waiting load may take its slot
 
         return Target(a.name, v.internal, adapter=a.name, profile=a.profile, engines=tuple(live), done=done)
 
@@ -330,11 +381,16 @@ class AdapterRegistry:
         return a
 
     def _set_pin(self, a: Adapter, on: bool) -> None:
-        if on and not a.pinned and sum(x.pinned for x in self._adapters.values()) >= self.settings.max_loras:
+        # A pin holds one of the engine's adapter slots for good; one slot always stays free for the rest.
+        most = self.settings.engine_adapter_slots - 1
+        if on and not a.pinned and sum(x.pinned for x in self._adapters.values()) >= most:
             raise Conflict(
-                f"Cannot pin more than {self.settings.max_loras} adapters (GOVERNOR_MAX_LORAS); unpin one first.",
+                f"Cannot pin more than {most} adapters: the engines hold {most + 1} (GOVERNOR_MAX_CPU_LORAS) and one "
+                "stays free for unpinned adapters; unpin one first, or raise GOVERNOR_MAX_CPU_LORAS.",
                 param="name",
             )
+        if a.pinned and not on:
+            self.loader.room_freed()
         a.pinned = on
 
     def _get(self, name: str) -> Adapter:

@@ -31,6 +31,7 @@ KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_CONFIG = "vllm:cache_config_info"
 LORA_INFO = "vllm:lora_requests_info"
 LOADED = "governor_adapter_loaded"
+TIERS = {True: "engine", False: "registry"}  # where a registered adapter lives: registered in the engines, or known
 # The engine families these replace in the re-export.
 REPLACED = frozenset({RUNNING, WAITING, KV_USAGE, CACHE_CONFIG, LORA_INFO})
 # The engine's own scheduler view stays visible per engine under Governor's names (what vLLM itself
@@ -174,22 +175,27 @@ class ModelServerSeries:
         served_model: Callable[[], str],
         max_loras: int | None,
         adapters: Callable[[], Iterable[tuple[str, bool, bool]]] = lambda: (),
+        loading: Callable[[], dict[str, int]] = dict,
     ) -> None:
         """`max_loras`: the engine's adapter slots, None when LoRA is off (no lora_requests_info then);
-        `adapters`: (public name, loaded on the engines, pinned) per registered adapter."""
+        `adapters`: (public name, loaded on the engines, pinned) per registered adapter; `loading`: requests
+        per adapter waiting for it to be loaded into the engines (queued here, so waiting for the picker)."""
         self.flights = flights
         self.served_model = served_model
         self.max_loras = max_loras
         self.adapters = adapters
+        self.loading = loading
 
     def render(self, engines: Sequence[str], caches: Sequence[EngineCache | None]) -> str:
         """`engines`: every engine's name; `caches`: the parsed copies of those that answered."""
         engine = engines[0] if len(engines) == 1 else ALL_ENGINES
         common = _labels((("engine", engine), ("model_name", self.served_model())))
         f = self.flights
+        loading = self.loading()
         out = [
-            f"# HELP {WAITING} Requests admitted to the engines with no token yet (Governor's count, all engines).\n"
-            f"# TYPE {WAITING} gauge\n{WAITING}{common} {float(f.waiting)!r}\n",
+            f"# HELP {WAITING} Requests with no token yet: admitted to the engines or waiting for their adapter to "
+            f"load (Governor's count, all engines).\n"
+            f"# TYPE {WAITING} gauge\n{WAITING}{common} {float(f.waiting + sum(loading.values()))!r}\n",
             f"# HELP {RUNNING} Requests generating (first token seen; Governor's count, all engines).\n"
             f"# TYPE {RUNNING} gauge\n{RUNNING}{common} {float(f.running)!r}\n",
         ]
@@ -210,6 +216,8 @@ class ModelServerSeries:
                        f"# TYPE {CACHE_CONFIG} gauge\n{CACHE_CONFIG}{labels} 1.0\n")  # fmt: skip
         if self.max_loras is not None:
             running, waiting = f.lora_sets()
+            if loading:
+                waiting = sorted({*waiting, *loading})
             labels = _labels((("max_lora", str(self.max_loras)), ("running_lora_adapters", ",".join(running)),
                               ("waiting_lora_adapters", ",".join(waiting))))  # fmt: skip
             out.append(f"# HELP {LORA_INFO} Adapters by public name with requests generating (running) or admitted "
@@ -218,9 +226,9 @@ class ModelServerSeries:
         registered = sorted(self.adapters())
         if len(f.adapters) > len(registered):
             f.forget({name for name, _, _ in registered})
-        loaded = [f'{LOADED}{{adapter="{name}",pinned="{str(pinned).lower()}"}} {1.0 if up else 0.0}\n'
-                  for name, up, pinned in registered]  # fmt: skip
-        out.append(f"# HELP {LOADED} 1 when the adapter is loaded on the engines (idle or not), 0 when registered "
-                   f"but evicted or not loaded yet.\n# TYPE {LOADED} gauge\n")  # fmt: skip
+        loaded = [f'{LOADED}{{adapter="{name}",pinned="{str(pinned).lower()}",tier="{TIERS[up]}"}} '
+                  f"{1.0 if up else 0.0}\n" for name, up, pinned in registered]  # fmt: skip
+        out.append(f"# HELP {LOADED} 1 when the adapter is loaded on the engines (idle or not; tier engine), 0 when "
+                   f"registered but evicted or not loaded yet (tier registry).\n# TYPE {LOADED} gauge\n")  # fmt: skip
         out.extend(loaded)
         return "".join(out)
