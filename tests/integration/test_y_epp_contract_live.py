@@ -1,7 +1,7 @@
 """The model-server contract against the real engine (the session's `live` Governor, no extra engine start):
 /metrics read the way the endpoint picker reads a vLLM-type server (tests/metrics/epp.py) while more
-adapters ask for the engine than it has LoRA slots (GOVERNOR_MAX_LORAS, 4), after a hot-swap and after an
-eviction; /v1/models names each adapter's parent. The fast version: tests/metrics/test_epp_contract.py."""
+adapters ask for the engine than it has batch slots (GOVERNOR_MAX_LORAS, 4) and after a hot-swap; /v1/models
+names each adapter's parent. The fast version, evicted adapters' series too: tests/metrics/test_epp_contract.py."""
 
 from __future__ import annotations
 
@@ -107,14 +107,10 @@ def views_until(live: Live, done: Callable[[epp.EndpointMetrics], bool], timeout
 def test_epp_reads_running_and_waiting_adapters_with_the_slots_full(live: Live, made: Path) -> None:
     for name in NAMES:
         shutil.copytree(made / "one", live.adapters_dir / ".api" / name)
-        admin_load(live, name)  # the fifth evicts the least recently used
+        admin_load(live, name)  # five adapters registered in the engine (GOVERNOR_MAX_CPU_LORAS: 32)
     held = loaded(scrape(live))
-    assert set(NAMES) <= set(held) and sum(held.values()) <= SLOTS, held
-    evicted = [n for n in NAMES if held[n] == 0]
-    busy = [n for n in NAMES if held[n] == 1]
-    # The adapters loaded last hold the slots (all four, unless an earlier test left one pinned).
-    assert evicted and len(busy) >= 2, held
-    generating, slow = busy[:-1], busy[-1]
+    assert all(held[n] == 1.0 for n in NAMES), held
+    generating, slow, fifth = NAMES[:3], NAMES[3], NAMES[4]
 
     # Three adapters generate; then the fourth's request arrives with a long prompt: admitted, no token yet
     # while its prompt is prefilled (waiting), beside the three running ones.
@@ -127,10 +123,10 @@ def test_epp_reads_running_and_waiting_adapters_with_the_slots_full(live: Live, 
     threads.append(threading.Thread(target=stream, args=(live, slow, 4, results, long_prompt)))
     threads[-1].start()
     views += views_until(live, lambda m: slow in m.active_models | m.waiting_models)
-    # All four slots hold an adapter with a request in flight: a fifth adapter cannot be loaded now.
-    full = epp.read(scrape(live))
-    r = httpx.post(live.v1 + "/completions", json={"model": evicted[0], "prompt": "Hi", "max_tokens": 2}, timeout=60)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_slots_full", r.text
+    # Every batch slot (GOVERNOR_MAX_LORAS) holds an adapter with a request in flight: a fifth adapter's request
+    # is not refused (no 409), it waits in the engine's queue for a slot and is served.
+    r = httpx.post(live.v1 + "/completions", json={"model": fifth, "prompt": "Hi", "max_tokens": 2}, timeout=120)
+    assert r.status_code == 200, r.text
     views += views_until(live, lambda m: not (m.active_models | m.waiting_models))
     for t in threads:
         t.join(120)
@@ -140,28 +136,20 @@ def test_epp_reads_running_and_waiting_adapters_with_the_slots_full(live: Live, 
              and slow not in seen.active_models]  # fmt: skip
     assert apart, "never saw the fourth adapter waiting beside three running: " + repr([v for v, _ in views][-40:])
     assert apart[0].waiting_queue_size >= 1 and apart[0].running_requests_size >= len(generating)
-    if len(busy) == SLOTS:  # the picker sees every slot taken
-        assert full.active_models | full.waiting_models == set(busy) and full.max_active_models == SLOTS, full
     for seen, text in views:
         no_version_suffix(text)
         assert seen.max_active_models == SLOTS
-        assert not (seen.active_models | seen.waiting_models) - set(busy), seen  # only adapters holding a slot
+        assert not (seen.active_models | seen.waiting_models) - set(NAMES), seen  # only adapters in use
     idle = epp.read(scrape(live))
     assert (idle.waiting_queue_size, idle.running_requests_size) == (0, 0)
     assert 0 <= idle.kv_cache_usage_percent <= 1 and idle.cache_block_size > 0 and idle.cache_num_blocks > 0
-
-    # After the eviction: the evicted adapter is registered but not loaded, and loads on demand once a slot is free.
-    results = []
-    stream(live, evicted[0], 4, results)
-    held = loaded(scrape(live))
-    assert results == ["ok"] and held[evicted[0]] == 1.0 and sum(held.values()) <= SLOTS, held
 
     cards = {m["id"]: m for m in httpx.get(live.v1 + "/models", timeout=10).json()["data"]}
     assert cards[live.model]["parent"] is None
     for name, card in cards.items():
         if name != live.model:
             assert card["parent"] == live.model, card
-    assert evicted[0] in cards
+    assert {cards[n]["tier"] for n in NAMES} == {"engine"}
 
 
 def test_after_a_hot_swap_only_the_public_name_is_exported(live: Live, made: Path) -> None:

@@ -102,9 +102,9 @@ async def test_lru_eviction_and_pinning(
     assert used is not None
     used.done()
     await registry.load("d", "d")  # evicts b (least recently used, unpinned)
-    assert {x["name"]: x["state"] for x in registry.list()} == {"a": "ready", "b": "evicted", "c": "ready", "d": "ready"}
-    assert {x["name"]: x["tier"] for x in registry.list()} == {"a": "engine", "b": "registry", "c": "engine",
-                                                               "d": "engine"}  # fmt: skip
+    listed = {x["name"]: (x["state"], x["tier"]) for x in registry.list()}
+    assert listed == {"a": ("ready", "engine"), "b": ("evicted", "registry"), "c": ("ready", "engine"),
+                      "d": ("ready", "engine")}  # fmt: skip
     assert registry.ready_names() == ["a", "c", "d"] and registry.servable_names() == ["a", "b", "c", "d"]
     assert set(engine.fake.loaded) == {"a", "c", "d"}
 

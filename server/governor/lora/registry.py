@@ -358,6 +358,7 @@ class AdapterRegistry:
                 return
             released = True
             v.leases -= 1
+            self.loader.touch(a)  # in use until now: recency counts from the last use, not from its start
             if v.leases == 0:
                 if v.retired is not None:
                     self._spawn(self.loader.drop(v))
