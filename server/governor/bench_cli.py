@@ -71,6 +71,24 @@ def register(bench_app: typer.Typer) -> None:
             raise typer.Exit(code)
 
 
+def register_adapters(bench_app: typer.Typer) -> None:
+    @bench_app.command("adapters")
+    def adapters(
+        count: int = typer.Option(64, min=4, max=1000, help="Adapters made and served."),
+        concurrency: int = typer.Option(16, min=1, help="Concurrent streams."),
+        requests: int = typer.Option(128, min=1, help="Requests per run."),
+        reps: int = typer.Option(5, min=1, help="Repetitions per side (interleaved)."),
+        max_tokens: int = typer.Option(32, min=1, help="Output tokens per request."),
+        eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),
+    ) -> None:
+        """4 hot, N round-robin and N Zipf adapters: Governor vs vLLM direct (all given at start), same run."""
+        from governor.bench import adapters as bench
+        from governor.settings import Settings
+
+        for line in bench.run(Settings(enforce_eager=eager), count, concurrency, requests, reps, max_tokens):
+            typer.echo(line)
+
+
 def register_merge(bench_app: typer.Typer) -> None:
     @bench_app.command("merge")
     def merge(

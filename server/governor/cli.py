@@ -80,6 +80,7 @@ def main() -> None:
     bench_cli.register(bench_app)
     bench_cli.register_processors(bench_app)
     bench_cli.register_merge(bench_app)
+    bench_cli.register_adapters(bench_app)
     bench_cli.register_soak(bench_app)
     bench_cli.register_eval(eval_app)
     from governor import merge_cli

@@ -32,13 +32,18 @@ RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 
 
 class LoadAdapter(BaseModel):
-    """POST /admin/adapters: register an adapter folder under a name and load it."""
+    """POST /admin/adapters: register an adapter under a name and load it (or only register it)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, description="Model name clients will send.")
-    path: str = Field(min_length=1, max_length=4096, description="Folder relative to the adapters root.")
+    path: str = Field(
+        min_length=1, max_length=4096,
+        description="Folder relative to the adapters root, or an object-store folder: s3://BUCKET/PREFIX/NAME or "
+        "file:///ABSOLUTE/PATH (fetched, validated and staged like a dropped folder).",
+    )  # fmt: skip
     pin: bool | None = Field(None, description="Keep it loaded (never evicted); omitted = unchanged.")
+    load: bool = Field(True, description="Load it now; false = register only (checked for form, loaded on first use).")
 
 
 @router.get("/adapters")
@@ -59,7 +64,7 @@ async def load_adapter(request: Request, registry: RegistryDep) -> dict[str, Any
         body = LoadAdapter.model_validate(await read_json(request, MAX_ADMIN_BODY))
     except ValidationError as exc:
         raise from_pydantic(exc.errors()) from exc
-    return await registry.load(body.name, body.path, pin=body.pin)
+    return await registry.load(body.name, body.path, pin=body.pin, now=body.load)
 
 
 @router.delete("/adapters/{name}")

@@ -67,19 +67,23 @@ async def _wait_ready(url: str, timeout: float) -> None:
 
 
 async def interleaved(direct_url: str, gateway_url: str, body: dict[str, object], concurrency: int, total: int,
-                      reps: int, label: str, gateway_extra: dict[str, object]) -> Pair:  # fmt: skip
+                      reps: int, label: str, gateway_extra: dict[str, object],
+                      models: list[str] | None = None) -> Pair:  # fmt: skip
     """direct, gateway, gateway, direct, direct…: each repetition is a pair, and the order alternates, so
-    a drift (thermal, caches, a neighbour on the machine) or going second does not favour one side."""
+    a drift (thermal, caches, a neighbour on the machine) or going second does not favour one side.
+    `models`: the same per-request model sequence on both sides (run_load)."""
     pair = Pair(label, [], [])
     warm = max(2, concurrency // 4)
-    await run_load(direct_url, body, concurrency, warm)
-    await run_load(gateway_url, {**body, **gateway_extra}, concurrency, warm)
+    await run_load(direct_url, body, concurrency, warm, models=models)
+    await run_load(gateway_url, {**body, **gateway_extra}, concurrency, warm, models=models)
     for rep in range(reps):
         for side in ("direct", "gateway") if rep % 2 == 0 else ("gateway", "direct"):
             if side == "direct":
-                pair.direct.append(await run_load(direct_url, body, concurrency, total))
+                pair.direct.append(await run_load(direct_url, body, concurrency, total, models=models))
             else:
-                pair.gateway.append(await run_load(gateway_url, {**body, **gateway_extra}, concurrency, total))
+                pair.gateway.append(
+                    await run_load(gateway_url, {**body, **gateway_extra}, concurrency, total, models=models)
+                )
     return pair
 
 

@@ -33,6 +33,10 @@ class LoadResult:
     def ttft_p50(self) -> float:
         return statistics.median(self.ttfts) if self.ttfts else float("nan")
 
+    @property
+    def ttft_p99(self) -> float:
+        return statistics.quantiles(self.ttfts, n=100)[98] if len(self.ttfts) > 1 else float("nan")
+
 
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
                result: LoadResult) -> None:  # fmt: skip
@@ -69,11 +73,12 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
 
 async def run_load(
     base_url: str, body: dict[str, Any], concurrency: int, total: int, headers: dict[str, str] | None = None,
-    path: str = "/v1/completions",
+    path: str = "/v1/completions", models: list[str] | None = None,
 ) -> LoadResult:  # fmt: skip
-    """Send `total` streaming requests, `concurrency` at a time; count output tokens from usage chunks."""
+    """Send `total` streaming requests, `concurrency` at a time; count output tokens from usage chunks.
+    `models`: request i names models[i % len(models)] (an adapter mix) instead of the body's model."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    raw = orjson.dumps(body)
+    raws = [orjson.dumps({**body, "model": m}) for m in models] if models else [orjson.dumps(body)]
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     result = LoadResult()
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -85,10 +90,10 @@ async def run_load(
         async def worker() -> None:
             while True:
                 try:
-                    queue.get_nowait()
+                    i = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await _one(session, base_url.rstrip("/") + path, raw, hdrs, result)
+                await _one(session, base_url.rstrip("/") + path, raws[i % len(raws)], hdrs, result)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -59,6 +59,7 @@ class Adapter:
     lru: int = 0  # registry tick of the last use: eviction order, immune to clock jumps
     load_seconds: float | None = None
     loaded_once: bool = False  # only adapters that loaded at least once (or were registered by API) are persisted
+    registered: bool = False  # registered by the admin API to load on first use: persisted before it loads
     waiting: int = 0  # requests waiting for this adapter to load: never evicted while any wait
     origin: str | None = None  # object-store URL (s3://, file://) it is fetched from; None: a folder under the root
     origin_version: str | None = None  # the store's version (ETags) of the files last validated

@@ -22,8 +22,9 @@ from governor.engine.pool import EnginePool
 from governor.errors import AdapterWaitTimeout, EngineUnavailable, GovernorError
 from governor.lora.adapter import Adapter, AdapterState, Version, internal_name
 from governor.lora.metrics import AdapterMetrics
+from governor.lora.objects import ObjectFetcher, is_object_url
 from governor.lora.upstream import load_on, unload_on
-from governor.lora.validate import AdapterValidator, ValidatedAdapter
+from governor.lora.validate import AdapterValidator, ValidatedAdapter, resolve_folder
 
 log = logging.getLogger("governor.lora")
 READY = AdapterState.READY
@@ -42,6 +43,8 @@ class AdapterLoader:
         lock: Callable[[str], asyncio.Lock],
         served: Callable[[], str],
         first_load: Callable[[Adapter], None] = lambda a: None,
+        *,
+        fetcher: ObjectFetcher,
         wait_seconds: float = 60.0,
     ) -> None:
         self.pool = pool
@@ -54,6 +57,7 @@ class AdapterLoader:
         self.served = served
         self.first_load = first_load  # the registry persists adapters once they have loaded
         self.stager = validator.stager
+        self.fetcher = fetcher
         # Called between validation and the engine load; tests widen that window with it.
         self.after_validation: Callable[[ValidatedAdapter], Awaitable[None]] | None = None
         self.numbers: dict[str, int] = {}  # last version number per name: internal names are never reused
@@ -78,7 +82,7 @@ class AdapterLoader:
         if not serving:
             a.state = AdapterState.VALIDATING
         try:
-            checked = await asyncio.to_thread(self.validator.validate, a.name, a.path, self.served())
+            checked = await asyncio.to_thread(self._validate, a)
         except GovernorError as exc:
             self.fail(a, exc, serving)
             raise
@@ -101,6 +105,22 @@ class AdapterLoader:
                 self.stager.release(checked.fingerprint)
         if old is not None:
             await self.retire(old, "replaced")
+
+    def _validate(self, a: Adapter) -> ValidatedAdapter:
+        """Validate and stage the adapter's files: its folder under the root, or a fresh fetch from its store."""
+        if a.origin is None:
+            return self.validator.validate(a.name, a.path, self.served())
+        fetched = self.fetcher.fetch(a.name, a.origin)
+        checked = self.validator.validate(a.name, fetched.folder.name, self.served(), root=fetched.folder.parent)
+        a.origin_version = fetched.version
+        return checked
+
+    def check_source(self, path: str) -> None:
+        """A cheap check of where an adapter is registered from (a register-only call fetches nothing)."""
+        if is_object_url(path):
+            self.fetcher.check(path)
+        else:
+            resolve_folder(self.validator.root, path)
 
     async def _load_checked(
         self, a: Adapter, checked: ValidatedAdapter, engines: list[EngineClient], before: AdapterState,

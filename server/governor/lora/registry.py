@@ -31,6 +31,7 @@ from governor.lora.adapter import Adapter, AdapterState, Source, Version
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.loader import AdapterLoader
 from governor.lora.metrics import AdapterMetrics
+from governor.lora.objects import ObjectFetcher, is_object_url
 from governor.lora.staging import AdapterStager
 from governor.lora.store import RegistryStore
 from governor.lora.validate import AdapterValidator, check_name, is_temporary
@@ -77,6 +78,11 @@ class AdapterRegistry:
             self._lock,
             self._served,
             first_load=lambda a: self._persist(),
+            fetcher=ObjectFetcher(
+                settings.resolved_state_dir / "objects",
+                settings.object_cache_bytes,
+                [(m.name, m.limit, m.required) for m in self.validator.members],
+            ),
             wait_seconds=settings.adapter_wait_seconds,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -168,27 +174,41 @@ class AdapterRegistry:
 
     # -- admin operations --------------------------------------------------------------------------
 
-    async def load(self, name: str, path: str, pin: bool | None = None, source: Source = "api") -> dict[str, Any]:
-        """Register (or re-register) and load now; a changed folder becomes a new version (hot swap)."""
+    async def load(
+        self, name: str, path: str, pin: bool | None = None, source: Source = "api", now: bool = True
+    ) -> dict[str, Any]:
+        """Register (or re-register) and load now; a changed folder becomes a new version (hot swap).
+        `now=False` only registers it (checked for form, persisted): it loads on first use."""
         self._require_lora()
         try:
             check_name(name, self._served())
-        except InvalidRequest as exc:
+            if not now:
+                self.loader.check_source(path)
+        except GovernorError as exc:
             self.metrics.loads.labels("failed").inc()
             log.warning("adapter load refused: %s", exc.message)
             raise
         async with self._lock(name):
-            a = self._adapters.get(name)
+            old = a = self._adapters.get(name)
             if a is None or a.path != path:
-                old = a
                 a = self._register(name, path, source, pinned=old is not None and old.pinned)
                 if old is not None:  # same name, new folder: carry the loaded version so it is swapped, not leaked
                     a.current, a.state, a.lru, a.loaded_once = old.current, old.state, old.lru, old.loaded_once
             a.source = source if source == "api" else a.source
             if pin is not None:
                 self._set_pin(a, pin)
+            if not now:
+                a.registered = True
+                self._persist()
+                return a.describe()
             try:
                 await self.loader.load_locked(a)
+            except BaseException:
+                if old is not None and old is not a and self._adapters.get(name) is a:
+                    # A refused new path is not recorded: the adapter keeps the path its serving version came from.
+                    old.reason, old.pinned, old.lru = a.reason, a.pinned, a.lru
+                    self._adapters[name] = old
+                raise
             finally:
                 self._persist()  # only adapters that loaded once are written: a refused one leaves no trace
             return a.describe()
@@ -376,8 +396,10 @@ class AdapterRegistry:
         )
 
     def _register(self, name: str, path: str, source: Source, pinned: bool) -> Adapter:
-        folder = Path(os.path.normpath(self.root / path))
-        a = Adapter(name=name, path=path, source=source, folder=folder, pinned=pinned)
+        origin = path if is_object_url(path) else None
+        # An adapter from a store has no folder under the root: no watcher event ever names it.
+        folder = Path(os.path.normpath(self.root / (".store" if origin else path)))
+        a = Adapter(name=name, path=path, source=source, folder=folder, pinned=pinned, origin=origin)
         self._adapters[name] = a
         return a
 
@@ -419,7 +441,8 @@ class AdapterRegistry:
 
     def _persist(self) -> None:
         # Adapters that loaded at least once (evicted and pinned ones included); pinned, then recent, first.
-        kept = sorted((a for a in self._adapters.values() if a.loaded_once), key=lambda a: (not a.pinned, -a.lru))
+        kept = sorted((a for a in self._adapters.values() if a.loaded_once or a.registered),
+                      key=lambda a: (not a.pinned, -a.lru))  # fmt: skip
         try:
             self.store.save([a.persisted() for a in kept])
         except OSError as exc:

@@ -1,4 +1,5 @@
-"""The registry's persisted state: adapters that loaded at least once, from where, and which are pinned.
+"""The registry's persisted state: adapters that loaded at least once or were registered by the admin API,
+from where, and which are pinned.
 
 Bounded: at most MAX_ENTRIES entries are written or read, and a file over MAX_BYTES is ignored."""
 
@@ -17,8 +18,8 @@ log = logging.getLogger("governor.lora")
 # Format 1 also held adapters that never loaded (refused admin loads among them): its entries are replayed once
 # as not yet loaded, so those that fail again are not written back.
 FORMAT = 2
-MAX_ENTRIES = 1024
-MAX_BYTES = 4 * 1024 * 1024
+MAX_ENTRIES = 10_000  # thousands of adapters per base are the point of the registry tier
+MAX_BYTES = 16 * 1024 * 1024
 
 
 class RegistryStore:

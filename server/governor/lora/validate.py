@@ -162,14 +162,16 @@ class AdapterValidator:
             Member(PROFILE, PROFILE_LIMIT, required=False, param="profile"),
         )
 
-    def validate(self, name: str, path: str, served_model: str = "") -> ValidatedAdapter:
+    def validate(self, name: str, path: str, served_model: str = "", root: Path | None = None) -> ValidatedAdapter:
         """Every check, in order of cost; raises the first refusal. On success the caller holds one reference
-        to the staged copy (stager.release(fingerprint) when done with it)."""
+        to the staged copy (stager.release(fingerprint) when done with it). `root`: another root than the
+        adapters root (the object-store cache a fetched adapter lies in)."""
         check_name(name, served_model or self.base.served_name)
-        folder = resolve_folder(self.root, path)
+        root = root or self.root
+        folder = resolve_folder(root, path)
         try:
             self._refuse_pickles(folder, path)
-            staged = self.stager.stage(self.root, folder, self.members, path)
+            staged = self.stager.stage(root, folder, self.members, path)
         except OSError as exc:  # the folder vanished or is unreadable, or the staging directory is
             raise InvalidRequest(f"Adapter folder {path!r} could not be read and staged: {exc}.", param="path") from exc
         try:
