@@ -32,7 +32,8 @@ from governor.lora.base_model import BaseModelInfo
 from governor.lora.loader import AdapterLoader
 from governor.lora.metrics import AdapterMetrics
 from governor.lora.objects import ObjectFetcher, is_object_url
-from governor.lora.staging import AdapterStager
+from governor.lora.restore import restore
+from governor.lora.staging import make_stager
 from governor.lora.store import RegistryStore
 from governor.lora.validate import AdapterValidator, check_name, is_temporary
 from governor.lora.watcher import AdapterWatcher
@@ -329,34 +330,7 @@ class AdapterRegistry:
         self._spawn(self._restore(engine))
 
     async def _restore(self, engine: EngineClient) -> None:
-        """After an engine (re)start: re-load what was ready, then eagerly load discovered ones into free slots."""
-        order = sorted(self._adapters.values(), key=lambda a: (not a.pinned, -a.lru))
-        for a in [x for x in order if x.state == READY]:
-            async with self._lock(a.name):
-                v = a.current
-                if self._adapters.get(a.name) is not a or a.state != READY or v is None:
-                    continue
-                if v.engines.get(engine.name) == engine.generation:
-                    continue
-                try:
-                    await self.loader.load_locked(a)
-                except EngineUnavailable:
-                    return  # down again: the next ready transition restores
-                except GovernorError as exc:
-                    log.warning("adapter '%s' not restored: %s", a.name, exc.message)
-        discovered = [a for a in self._adapters.values() if a.state == AdapterState.DISCOVERED]
-        for a in sorted(discovered, key=lambda a: (not a.pinned, a.source != "api", a.name)):
-            if sum(x.state == READY for x in self._adapters.values()) >= self.settings.engine_adapter_slots:
-                break
-            async with self._lock(a.name):
-                if self._adapters.get(a.name) is not a or a.state != AdapterState.DISCOVERED:
-                    continue
-                try:
-                    await self.loader.load_locked(a, wait=0)
-                except EngineUnavailable:
-                    return
-                except GovernorError as exc:
-                    log.warning("adapter '%s' not loaded at start: %s", a.name, exc.message)
+        await restore(engine, self._adapters, self._lock, self.loader, self.settings.engine_adapter_slots)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -463,19 +437,3 @@ class AdapterRegistry:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("adapter background task failed", exc_info=task.exception())
-
-
-def make_stager(settings: Settings) -> AdapterStager:
-    """Staged copies under the state dir; with a remote engine only in a directory the operator says it shares."""
-    if settings.staging_dir is not None:
-        return AdapterStager(settings.staging_dir, settings.engine_staging_dir, private=False)
-    root = settings.resolved_state_dir / "staged"
-    if settings.engine_url:
-        refusal = (
-            "Adapters are refused: the engine is remote (GOVERNOR_ENGINE_URL) and it is given only Governor's "
-            "validated copies of adapters, which it must be able to read. Set GOVERNOR_STAGING_DIR to a "
-            "directory both Governor and the engine see (and GOVERNOR_ENGINE_STAGING_DIR if the engine mounts "
-            "it at another path)."
-        )
-        return AdapterStager(root, refusal=refusal)
-    return AdapterStager(root)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from governor.errors import InvalidRequest, PayloadTooLarge
+from governor.settings import Settings
 
 log = logging.getLogger("governor.lora")
 
@@ -226,3 +227,19 @@ def _remove_tree(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.chmod(path, 0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def make_stager(settings: Settings) -> AdapterStager:
+    """Staged copies under the state dir; with a remote engine only in a directory the operator says it shares."""
+    if settings.staging_dir is not None:
+        return AdapterStager(settings.staging_dir, settings.engine_staging_dir, private=False)
+    root = settings.resolved_state_dir / "staged"
+    if settings.engine_url:
+        refusal = (
+            "Adapters are refused: the engine is remote (GOVERNOR_ENGINE_URL) and it is given only Governor's "
+            "validated copies of adapters, which it must be able to read. Set GOVERNOR_STAGING_DIR to a "
+            "directory both Governor and the engine see (and GOVERNOR_ENGINE_STAGING_DIR if the engine mounts "
+            "it at another path)."
+        )
+        return AdapterStager(root, refusal=refusal)
+    return AdapterStager(root)
