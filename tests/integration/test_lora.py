@@ -23,6 +23,7 @@ from tests.integration.adapters import (
 )
 
 pytestmark = pytest.mark.engine
+ENGINE_SLOTS = 32  # GOVERNOR_MAX_CPU_LORAS' default, which the live server runs with
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,11 @@ def hidden_copy(live: Live, source: Path, name: str) -> str:
 
 
 def evict_all_but_fillers(live: Live, workdir: Path) -> None:
-    """Load as many filler adapters as the server has slots (4, GOVERNOR_MAX_LORAS' default): every other
-    adapter is evicted, and its next use re-validates and re-loads it."""
+    """Load as many filler adapters as the engine keeps registered (32, GOVERNOR_MAX_CPU_LORAS' default): every
+    other adapter is evicted, and its next use re-validates and re-loads it."""
     if not (workdir / "filler").exists():
         random_adapter(workdir / "filler", 71)
-    for i in range(4):
+    for i in range(ENGINE_SLOTS):
         name = f"filler-{i}"
         if not (live.adapters_dir / ".api" / name).exists():
             hidden_copy(live, workdir / "filler", name)

@@ -340,7 +340,8 @@ def test_state_file_is_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     from governor.lora.store import RegistryStore
 
     store = RegistryStore(tmp_path)
-    entries = [{"name": f"a{i}", "path": f"a{i}", "pinned": False, "source": "api"} for i in range(store_mod.MAX_ENTRIES + 100)]
+    count = store_mod.MAX_ENTRIES + 100
+    entries = [{"name": f"a{i}", "path": f"a{i}", "pinned": False, "source": "api"} for i in range(count)]
     store.save(entries)
     loaded = store.load()
     assert len(loaded) == store_mod.MAX_ENTRIES and loaded[0]["name"] == "a0" and loaded[0]["loaded"]
