@@ -76,7 +76,7 @@ def register_adapters(bench_app: typer.Typer) -> None:
     def adapters(
         count: int = typer.Option(64, min=4, max=1000, help="Adapters made and served."),
         concurrency: int = typer.Option(16, min=1, help="Concurrent streams."),
-        requests: int = typer.Option(128, min=1, help="Requests per run."),
+        requests: int = typer.Option(64, min=1, help="Requests per run."),
         reps: int = typer.Option(5, min=1, help="Repetitions per side (interleaved)."),
         max_tokens: int = typer.Option(32, min=1, help="Output tokens per request."),
         eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),

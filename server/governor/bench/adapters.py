@@ -17,9 +17,12 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from governor.bench.gateway import PROMPT, Pair, _wait_ready, interleaved
 from governor.bench.load import LoadResult
@@ -57,6 +60,18 @@ def mixes(count: int, total: int, seed: int = 7) -> dict[str, list[str]]:
     rng = random.Random(seed)
     zipf = rng.choices(names, [1 / (k + 1) for k in range(count)], k=total)
     return {"4 hot": names[:4], f"{count} round-robin": names, f"{count} zipf": zipf}
+
+
+async def _wait_filled(url: str, loaded: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            async with session.get(url + "/v1/models") as resp:
+                states = [m.get("state") for m in (await resp.json())["data"]]
+            if states.count("ready") >= loaded:
+                return
+            await asyncio.sleep(1)
+    raise TimeoutError(f"{loaded} adapters not loaded after {timeout:.0f} s")
 
 
 def _p(results: list[LoadResult], attr: str) -> float:
@@ -105,6 +120,8 @@ def run(settings: Settings, count: int, concurrency: int, total: int, reps: int,
         asyncio.run(_wait_ready(f"http://127.0.0.1:{direct_port}/health", settings.engine_start_timeout))
         stack.enter_context(spawned([sys.executable, "-m", "governor", "serve"], env=gw_env, log=work / "gov.log"))
         asyncio.run(_wait_ready(f"http://127.0.0.1:{gw_port}/ready", settings.engine_start_timeout))
+        # Governor fills the engine's slots from the registered folders after a start: not timed.
+        asyncio.run(_wait_filled(f"http://127.0.0.1:{gw_port}", min(count, lora.engine_adapter_slots)))
         body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
         for label, models in mixes(count, total).items():
             pair = asyncio.run(interleaved(f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{gw_port}", body,
