@@ -15,6 +15,7 @@ from governor.logs import FieldsFormatter
 from governor.metrics.gateway import GatewayMetrics
 from governor.quota import Quotas
 from governor.scope import ClientInfo, RequestScope, request_id
+from governor.stream.relay import RelayStats
 from governor.target import Target
 
 
@@ -91,3 +92,31 @@ def test_timeout_header_only_shortens_the_deadline() -> None:
     scope = RequestScope(CHAT, client(timeout="500"), GatewayMetrics(), 60.0)
     scope.apply_timeout()
     assert 59 < scope.remaining() <= 60
+
+
+@pytest.mark.parametrize(
+    ("stats", "answer_is_usage", "status", "cost"),
+    [
+        (RelayStats(7, 30, usage_seen=True, events=12), False, 200, 37),  # the engine's usage: exact
+        (RelayStats(events=90), False, 499, 5 + 90),  # hung up before the usage event: what was relayed
+        (None, True, 499, 500),  # a non-streamed answer that never came: the admission charge stands
+        (None, True, 504, 500),
+        (None, True, 503, 0),  # lost by the engine: nothing
+        (None, False, 400, 0),  # refused before any engine saw it
+    ],
+)
+async def test_the_quota_charge_follows_what_was_generated(
+    stats: RelayStats | None, answer_is_usage: bool, status: int, cost: int
+) -> None:
+    quotas = Quotas(rpm=0, tpm=10_000, concurrency=0, clock=lambda: 0.0)
+    async with RequestScope(CHAT, client(), GatewayMetrics(), 60.0) as scope:
+        scope.quota = quotas.acquire("key:k", 500)
+        scope.prompt_estimate = 5
+        scope.answer_is_usage = answer_is_usage
+        scope.status = status
+        if stats is not None:
+            scope.record(stats)
+            scope.status = status
+    usage = quotas.usage("key:k")
+    assert usage is not None and usage.running == 0
+    assert 10_000 - usage.tokens_left == cost

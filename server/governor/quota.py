@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from governor.errors import Overloaded
@@ -40,8 +40,8 @@ class _Bucket:
     """A token bucket refilled continuously at `rate` per minute up to `rate`."""
 
     rate: float
+    stamp: float
     level: float = field(init=False)
-    stamp: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.level = self.rate  # a new client starts with a full minute's allowance
@@ -61,6 +61,14 @@ class _ClientState:
     requests: _Bucket
     tokens: _Bucket
     running: int = 0
+
+
+@dataclass(frozen=True)
+class ClientUsage:
+    """One client's standing: requests running and this minute's token allowance left (negative: in debt)."""
+
+    running: int
+    tokens_left: float
 
 
 @dataclass
@@ -83,11 +91,18 @@ class Quotas:
     """Limits per API key (`key:` ids) and per client address (`addr:` ids); a limit of 0 = unlimited."""
 
     def __init__(
-        self, rpm: int, tpm: int, concurrency: int, address_concurrency: int = 0, max_clients: int = MAX_CLIENTS
+        self,
+        rpm: int,
+        tpm: int,
+        concurrency: int,
+        address_concurrency: int = 0,
+        max_clients: int = MAX_CLIENTS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rpm, self.tpm, self.concurrency = rpm, tpm, concurrency
         self.address_concurrency = address_concurrency
         self.max_clients = max_clients
+        self.clock = clock  # a test may stop it: refills then never blur what was charged
         self._clients: OrderedDict[str, _ClientState] = OrderedDict()
 
     @staticmethod
@@ -100,10 +115,19 @@ class Quotas:
     def __len__(self) -> int:
         return len(self._clients)
 
+    def usage(self, ident: str) -> ClientUsage | None:
+        """Where a client stands now; None for one never seen (or forgotten)."""
+        state = self._clients.get(ident)
+        if state is None:
+            return None
+        state.tokens.refill(self.clock())
+        return ClientUsage(state.running, state.tokens.level)
+
     def _state(self, ident: str) -> _ClientState:
         state = self._clients.get(ident)
         if state is None:
-            state = self._clients[ident] = _ClientState(_Bucket(float(self.rpm)), _Bucket(float(self.tpm)))
+            now = self.clock()
+            state = self._clients[ident] = _ClientState(_Bucket(float(self.rpm), now), _Bucket(float(self.tpm), now))
             while len(self._clients) > self.max_clients:
                 self._clients.popitem(last=False)
         else:
@@ -120,7 +144,7 @@ class Quotas:
         if not (concurrency or rpm or tpm):
             return None
         state = self._state(ident)
-        now = time.monotonic()
+        now = self.clock()
         if concurrency and state.running >= concurrency:
             who, code = (
                 ("API key", "key_concurrency_exceeded") if by_key else ("client address", "concurrency_exceeded")
@@ -152,5 +176,5 @@ class Quotas:
             return
         state.running = max(0, state.running - 1)
         if self.tpm and ident.startswith("key:"):
-            state.tokens.refill(time.monotonic())
+            state.tokens.refill(self.clock())
             state.tokens.level -= used - charged  # refund what was charged but not used (or charge the excess)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from governor.endpoint import Endpoint
-from governor.errors import ClientGone, GovernorError, InvalidRequest
+from governor.errors import ClientGone, DeadlineExceeded, GovernorError, InvalidRequest
 from governor.metrics.gateway import GatewayMetrics
 from governor.metrics.model_server import Flight
 from governor.quota import QuotaLease
@@ -70,6 +70,8 @@ class RequestScope:
         self.target: Target | None = None
         self.stats: RelayStats | None = None
         self.quota: QuotaLease | None = None
+        self.prompt_estimate = 0  # the prompt's cost in tokens as admission estimated it
+        self.answer_is_usage = False  # a non-streamed engine call: only its complete answer says what it cost
         self.flight: Flight | None = None  # waiting → running → ended, for the model-server series
         self._held = contextlib.ExitStack()  # engine lease, upstream abort, adapter lease
         self._detached = False
@@ -146,16 +148,26 @@ class RequestScope:
         if self._closed:
             return
         self._closed = True
-        tokens = 0
         stats = self.stats
         try:
             self._held.close()
         finally:
-            if stats is not None:
-                tokens = stats.prompt_tokens + stats.completion_tokens
             if self.quota is not None:
-                self.quota.release(tokens)
+                self.quota.release(self._cost(self.quota, stats))
             self._finish(stats)
+
+    def _cost(self, quota: QuotaLease, stats: RelayStats | None) -> int:
+        """Tokens the request is charged, however it ended. The engine's usage when it reported any; else what
+        was relayed (one token an event) and the prompt estimate: a stream's usage comes last, and a client that
+        hangs up before it must still pay for what it got. A non-streamed answer that never came, because the
+        client left or the deadline passed, keeps its admission charge: nothing shows it cost less. Refused or
+        lost by the engine: nothing."""
+        if stats is not None:
+            return stats.prompt_tokens + stats.completion_tokens if stats.usage_seen else (
+                self.prompt_estimate + stats.events)  # fmt: skip
+        if self.answer_is_usage and self.status in (ClientGone.status, DeadlineExceeded.status):
+            return quota.charged
+        return 0
 
     def _finish(self, stats: RelayStats | None) -> None:
         elapsed = time.monotonic() - self.started

@@ -89,6 +89,8 @@ class GenerationService:
         key = client.key if self.settings.api_keys else None
         ident = Quotas.client_id(key, client.address)
         scope.quota = self.quotas.acquire(ident, req.expected_tokens(self.settings))
+        if scope.quota is not None:
+            scope.prompt_estimate = req.prompt_estimate()
 
     async def _generate(self, scope: RequestScope, req: GenerationRequest) -> Response:
         seqs = req.sequences()
@@ -108,6 +110,7 @@ class GenerationService:
             salt = Quotas.client_id(scope.client.key, None)
         call = req.to_upstream(self.policy(), target, salt)
         scope.admitted()
+        scope.answer_is_usage = not call.stream
         upstream = await self._open_any(scope, target, call.body, seqs)
         # A collected answer is read in a loop that never waits while upstream data is buffered: give the
         # event loop a turn per network read, or a disconnect is only seen once a backlog is parsed.
@@ -243,7 +246,7 @@ async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, 
     try:
         data = orjson.loads(raw)
         usage = data.get("usage") or {}
-        stats = RelayStats(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        stats = RelayStats(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), True)
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
         raise EngineUnavailable("The engine's answer was not valid JSON.") from exc
     scope.record(stats)

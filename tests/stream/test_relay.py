@@ -75,6 +75,21 @@ async def test_fast_path_passes_bytes_and_hides_unrequested_usage() -> None:
     assert relay.stats.completion_tokens == 2 and relay.stats.prompt_tokens == 3
 
 
+async def test_a_stream_cut_before_its_usage_counts_the_events_it_relayed() -> None:
+    # preset off: usage comes only in the last event; a client gone before it leaves the event count
+    up = MemoryUpstream(chat_events([f"w{i} " for i in range(10)]))
+    relay = Relay(up, kind="chat", n=1, loop=None, client_usage=False, client_continuous=False)
+    stream = relay.stream()
+    for _ in range(6):
+        await anext(stream)
+    await stream.aclose()
+    assert up.aborted and relay.stats.events == 6 and not relay.stats.usage_seen
+    whole = Relay(MemoryUpstream(chat_events(["a", "b"])), kind="chat", n=1, loop=None, client_usage=False,
+                  client_continuous=False)  # fmt: skip
+    await drain(whole)
+    assert whole.stats.usage_seen and whole.stats.completion_tokens == 2
+
+
 async def test_fast_path_keeps_requested_usage() -> None:
     relay = Relay(MemoryUpstream(chat_events(["a", "b"])), kind="chat", n=1, loop=None, client_usage=True,
                   client_continuous=False)  # fmt: skip

@@ -52,11 +52,15 @@ def _chunk(kind: str, rid: str, text: str, finish: str | None, usage: dict[str, 
 
 
 class FakeEngine:
-    """Streams `max_tokens` events of `text` (a word by default); `script` may set the texts to stream."""
+    """Streams `max_tokens` events of `text` (a word by default); `script` may set the texts to stream.
+    `stall_after`: a stream stops after that many tokens and waits for its client to leave (a generation
+    that outlasts its client), so a test can hang up at a chosen point."""
 
-    def __init__(self, script: list[str] | None = None, delay: float = 0.0) -> None:
+    def __init__(self, script: list[str] | None = None, delay: float = 0.0, stall_after: int | None = None) -> None:
         self.script = script
         self.delay = delay
+        self.stall_after = stall_after
+        self.stalled = 0  # streams that reached stall_after
         self.requests: list[dict[str, Any]] = []
         self.aborted = 0
         self.active = 0
@@ -119,6 +123,16 @@ class FakeEngine:
             return web.Response(text=text, status=error["code"], content_type="application/json")
         usage_every = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
         if not body.get("stream"):
+            if self.stall_after is not None and self.stall_after < len(texts):
+                self.active += 1
+                try:
+                    await self._stall(request)
+                except asyncio.CancelledError:
+                    self.aborted += 1
+                    raise
+                finally:
+                    self.active -= 1
+                return web.Response(status=499)
             text = "".join(texts)
             msg = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
             return web.json_response({
@@ -131,6 +145,9 @@ class FakeEngine:
         self.active += 1
         try:
             for i, text in enumerate(texts):
+                if i == self.stall_after:
+                    await self._stall(request)
+                    return resp
                 if fault is not None and i == FAULT_AFTER:
                     if fault == "garbage":
                         await resp.write(GARBAGE_EVENT)
@@ -157,6 +174,13 @@ class FakeEngine:
         finally:
             self.active -= 1
         return resp
+
+    async def _stall(self, request: web.Request) -> None:
+        """Wait until the client closes the connection (aiohttp may also cancel the handler then)."""
+        self.stalled += 1
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.005)
+        self.aborted += 1
 
 
 def _fault(body: dict[str, Any]) -> str | None:

@@ -64,6 +64,8 @@ class RelayStats:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    usage_seen: bool = False  # the engine reported usage (exact); else only `events` says what was generated
+    events: int = 0  # upstream events received: one token each in vLLM's stream (default --stream-interval 1)
     first_token_at: float | None = None
     loops_cut: int = 0
     outcome: str = "ok"  # ok | loop | error | deadline | disconnect
@@ -124,6 +126,7 @@ class Relay:
                 events = block if end < 0 else block[:end]
                 if end >= 0:
                     count -= 1 + block.count(NEXT_EVENT, end)  # [DONE] and whatever came after it
+                self.stats.events += count
                 # vLLM's error event `{"error": {...}}` comes last: a block that ends like it gets one look at its
                 # last event, never a scan of the whole block (chunks without usage end in `]}`: no look at all)
                 if events.endswith(_OBJECT_END) and events.find(ERROR_KEY, events.rfind(SEP, 0, -2) + 1) >= 0:
@@ -147,6 +150,7 @@ class Relay:
 
     def _note_usage(self, usage: dict[str, Any] | None) -> None:
         if usage:
+            self.stats.usage_seen = True
             self.stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.stats.completion_tokens = int(usage.get("completion_tokens") or 0)
 
