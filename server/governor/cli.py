@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from governor import logs
-from governor.settings import Settings
+from governor.settings import SECRETS, Settings
 
 log = logging.getLogger("governor")
 
@@ -24,7 +24,8 @@ app.add_typer(eval_app, name="eval")
 
 
 def _serve_parameters() -> list[inspect.Parameter]:
-    """One --flag per Settings field; unset flags (None) leave env and defaults in charge."""
+    """One --flag per Settings field; unset flags (None) leave env and defaults in charge. A secret's flag is
+    hidden and refused (see `serve`): parsed only to say what to do instead."""
     params = []
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -32,7 +33,7 @@ def _serve_parameters() -> list[inspect.Parameter]:
             option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=field.description, show_default=False)
             annotation: Any = bool | None
         else:
-            option = typer.Option(None, flag, help=field.description, show_default=False)
+            option = typer.Option(None, flag, help=field.description, show_default=False, hidden=name in SECRETS)
             annotation = str | None
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
@@ -46,6 +47,14 @@ def serve(**values: Any) -> None:
     """Start the engine(s) and the gateway."""
     from governor.server import run
 
+    for name in SECRETS:
+        if values.get(name) is not None:
+            env = f"GOVERNOR_{name.upper()}"
+            raise typer.BadParameter(
+                f"a key on the command line is visible to every local user (ps, /proc/PID/cmdline); set {env} "
+                f"in the environment, or {env}_FILE to a file holding it.",
+                param_hint="--" + name.replace("_", "-"),
+            )
     settings = settings_from(values)
     logs.setup(settings.log_level)
     run(settings)

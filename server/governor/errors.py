@@ -12,6 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from governor.redaction import redact_paths
+
 log = logging.getLogger("governor.errors")
 
 
@@ -117,13 +119,13 @@ def envelope(message: str, type_: str, param: str | None = None, code: str | int
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_body(exc: GovernorError) -> dict[str, Any]:
-    return envelope(exc.message, exc.type, exc.param, exc.code)
+def error_body(exc: GovernorError, *, hide_paths: bool = False) -> dict[str, Any]:
+    return envelope(redact_paths(exc.message) if hide_paths else exc.message, exc.type, exc.param, exc.code)
 
 
-def error_response(exc: GovernorError) -> Response:
+def error_response(exc: GovernorError, *, hide_paths: bool = False) -> Response:
     return Response(
-        orjson.dumps(error_body(exc)),
+        orjson.dumps(error_body(exc, hide_paths=hide_paths)),
         status_code=exc.status,
         media_type="application/json",
         headers=exc.headers(),
@@ -194,20 +196,26 @@ def from_status(status: int, message: str) -> GovernorError:
     return err
 
 
+def _hides_paths(request: Request) -> bool:
+    """Server paths reach only the admin API's callers (see governor.redaction)."""
+    path = request.url.path
+    return not (path == "/admin" or path.startswith("/admin/"))
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every error on every route leaves as an OpenAI envelope."""
 
     @app.exception_handler(GovernorError)
-    async def _governor(_: Request, exc: GovernorError) -> Response:
-        return error_response(exc)
+    async def _governor(request: Request, exc: GovernorError) -> Response:
+        return error_response(exc, hide_paths=_hides_paths(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(exc), hide_paths=_hides_paths(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(from_status(exc.status_code, str(exc.detail)))
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(from_status(exc.status_code, str(exc.detail)), hide_paths=_hides_paths(request))
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> Response:

@@ -200,7 +200,10 @@ class GenerationRequest(BaseModel):
         body = decision.body
         body["model"] = target.upstream_model
         if cache_salt is not None:
-            body["cache_salt"] = cache_salt
+            # A client's own salt (refused unless an operator allows the field) can split its key's cache
+            # further, never join another key's.
+            own = body.get("cache_salt")
+            body["cache_salt"] = f"{cache_salt}:{own}" if isinstance(own, str) and own else cache_salt
         # A loop can only be cut in a stream: a non-streaming answer is streamed upstream and assembled.
         stream = self.stream or (decision.loop is not None and self.assemblable())
         if stream:

@@ -106,7 +106,7 @@ class GenerationService:
         scope.label = self.metrics.model_label(target.public_name)
         salt = None
         if self.settings.cache_salt_per_key and self.settings.api_keys and scope.client.key:
-            # the engine's prefix cache is shared only between requests of one key
+            # the engine's prefix cache is shared only between requests of one key (its hash, not its text)
             salt = Quotas.client_id(scope.client.key, None)
         call = req.to_upstream(self.policy(), target, salt)
         scope.admitted()

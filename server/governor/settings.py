@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Settings that hold a key: from the environment or a file (SECRET_FILE), never a flag (`ps` shows every
+# process's command line to every local user).
+SECRETS = ("api_keys", "admin_key", "engine_api_key")
 
 
 def _default_cache_dir() -> Path:
@@ -41,6 +45,7 @@ class Settings(BaseSettings):
     engine_api_key: str = Field(
         "", description="Key Governor sends to remote engines (ENGINE_URL) as a Bearer token; empty = none."
     )
+    engine_api_key_file: Path | None = Field(None, description="A file holding ENGINE_API_KEY (instead of it).")
     engines: int = Field(1, ge=1, le=16, description="Local engine processes to start (ignored with ENGINE_URL).")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Engine profile; auto = gpu if nvidia-smi finds one."
@@ -124,9 +129,9 @@ class Settings(BaseSettings):
         64, ge=0, description="Concurrent requests per client address when no API key is shown (0 = unlimited)."
     )
     cache_salt_per_key: bool = Field(
-        False,
-        description="Salt the engine's prefix cache per API key (closes the cross-tenant timing channel; "
-        "costs shared-prefix hits).",
+        True,
+        description="With API keys set, salt the engine's prefix cache per key (a hash of it): one key's requests "
+        "cannot time another's cached prefixes; prefixes are not shared across keys.",
     )
     docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json.")
 
@@ -134,7 +139,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="User keys for /v1 (comma-separated); empty = open."
     )
+    api_keys_file: Path | None = Field(
+        None, description="A file holding the user keys (one a line or comma-separated), instead of API_KEYS."
+    )
     admin_key: str = Field("", description="Key for /admin; empty = admin API off.")
+    admin_key_file: Path | None = Field(None, description="A file holding ADMIN_KEY (instead of it).")
     metrics_auth: bool = Field(False, description="Require a user or admin key on /metrics.")
     key_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
     key_tpm: int = Field(0, ge=0, description="Prompt + output tokens per minute per API key (0 = unlimited).")
@@ -155,6 +164,26 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @model_validator(mode="after")
+    def _secret_files(self) -> Settings:
+        """Each secret from its file when one is named (a mounted Secret, a 0600 file), read once at start."""
+        for name in SECRETS:
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            env = f"GOVERNOR_{name.upper()}"
+            if getattr(self, name):
+                raise ValueError(f"{env} and {env}_FILE are both set; set one of them.")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"{env}_FILE: cannot read {path}: {exc.strerror or exc}") from exc
+            value = _split_list(text.replace("\n", ",")) if name == "api_keys" else text.strip()
+            if not value:
+                raise ValueError(f"{env}_FILE: {path} is empty.")
+            setattr(self, name, value)
+        return self
 
     @property
     def engine_adapter_slots(self) -> int:

@@ -239,7 +239,7 @@ async def test_unknown_fields_are_refused_unless_allowed(gateway: GatewayFactory
     r = await allowed.client.post("/v1/chat/completions", json=chat_body(frobnicate=1, priority=-5))
     assert r.status_code == 200
     assert allowed.fake.requests[-1]["frobnicate"] == 1 and allowed.fake.requests[-1]["priority"] == -5
-    assert "cache_salt" not in allowed.fake.requests[-1]  # salting is off by default
+    assert "cache_salt" not in allowed.fake.requests[-1]  # no API keys: no per-key salt
 
 
 async def test_streaming_and_plain_answers_still_work(gateway: GatewayFactory) -> None:

@@ -165,3 +165,72 @@ async def test_picker_config_names_only_metrics_governor_exports(gateway: Gatewa
         assert [s for s in families[spec.name] if all(s.labels.get(k) == v for k, v in spec.labels.items())], key
     seen = epp.read(r.text, mapping)
     assert seen.max_active_models == gw.settings.max_loras and seen.cache_block_size == 16
+
+
+# -- what the public Gateway exposes (issue 28, finding 7) ------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    match = selector.get("matchLabels") or {}
+    assert not selector.get("matchExpressions"), "only matchLabels are checked here"
+    return all(labels.get(k) == v for k, v in match.items())
+
+
+def _routed(route: dict[str, Any], path: str) -> bool:
+    """Whether an HTTPRoute sends `path` anywhere (Gateway API path semantics; a rule without matches is `/`)."""
+    for rule in route["spec"]["rules"]:
+        for match in rule.get("matches") or [{}]:
+            path_match = match.get("path") or {}
+            kind, value = path_match.get("type", "PathPrefix"), path_match.get("value", "/")
+            if kind == "RegularExpression":
+                return True  # not checked: counted as routing everything
+            prefix = value.rstrip("/")
+            if path == value or (kind == "PathPrefix" and path.startswith(prefix + "/")):
+                return True
+    return False
+
+
+def test_the_gateway_listens_on_https_only_with_a_certificate(docs: list[dict]) -> None:
+    listeners = named(docs, "Gateway")["spec"]["listeners"]
+    assert listeners
+    for listener in listeners:  # no plain-HTTP listener: an API key must never cross the network in clear
+        assert listener["protocol"] == "HTTPS" and listener["port"] == 443, listener
+        tls = listener["tls"]
+        assert tls.get("mode", "Terminate") == "Terminate"
+        (ref,) = tls["certificateRefs"]
+        assert ref.get("kind", "Secret") == "Secret" and ref["name"]
+
+
+def test_the_public_route_serves_the_openai_api_and_not_admin(docs: list[dict]) -> None:
+    routes = [d for d in docs if d["kind"] == "HTTPRoute"]
+    for route in routes:
+        for path in ("/admin", "/admin/adapters", "/admin/adapters/x/pin", "/metrics", "/", "/health"):
+            assert not _routed(route, path), f"{route['metadata']['name']} routes {path}"
+    (route,) = routes
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/my-adapter"):
+        assert _routed(route, path), path
+
+
+def test_only_the_gateway_the_picker_and_prometheus_reach_governor_pods(docs: list[dict]) -> None:
+    pods = governor(docs)["spec"]["template"]["metadata"]["labels"]
+    picker = named(docs, "Deployment", "governor-epp")["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and _selects(d["spec"]["podSelector"], pods)]
+    assert not _selects(policy["spec"]["podSelector"], picker)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    proxies = {"gateway.networking.k8s.io/gateway-name": named(docs, "Gateway")["metadata"]["name"]}
+    seen = set()
+    for peer in rule["from"]:
+        labels = peer["podSelector"]["matchLabels"]  # a peer is always some pods, never "everything"
+        assert labels
+        if "namespaceSelector" in peer:  # Prometheus, which the ServiceMonitor and KEDA's trigger rely on
+            assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+            assert labels == {"app.kubernetes.io/name": "prometheus"}
+            seen.add("prometheus")
+        elif labels == proxies:
+            seen.add("gateway")
+        else:
+            assert _selects(peer["podSelector"], picker), peer
+            seen.add("picker")
+    assert seen == {"gateway", "picker", "prometheus"}

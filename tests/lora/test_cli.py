@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,7 +46,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> Any:
 
 
 def test_list_table_and_json(calls: list[httpx.Request]) -> None:
-    result = run("adapters", "--url", "http://gw:9000", "--admin-key", "sekret", "list")
+    result = run("adapters", "--url", "http://gw:9000", "list", env={"GOVERNOR_ADMIN_KEY": "sekret"})
     assert result.exit_code == 0, result.output
     header, row = result.output.strip().splitlines()
     assert header.split() == ["NAME", "STATE", "PINNED", "VERSION", "IN_FLIGHT", "SOURCE", "PATH", "REASON"]
@@ -69,6 +70,16 @@ def test_load_unload_pin_use_env(calls: list[httpx.Request]) -> None:
     ]  # fmt: skip
     assert json.loads(calls[0].content) == {"name": "a", "path": "folder/a", "pin": True}
     assert all(r.headers["authorization"] == "Bearer envkey" and r.url.host == "env" for r in calls)
+
+
+def test_the_admin_key_is_refused_as_a_flag_and_read_from_a_file(calls: list[httpx.Request], tmp_path: Path) -> None:
+    # a command line is visible to every local user (ps): the key comes from the environment or a file
+    result = run("adapters", "--admin-key", "sekret", "list")
+    text = " ".join((result.output + (result.stderr or "")).split())
+    assert result.exit_code == 2 and "GOVERNOR_ADMIN_KEY_FILE" in text and "sekret" not in text and not calls
+    (tmp_path / "admin").write_text("from-file\n")
+    assert run("adapters", "--admin-key-file", str(tmp_path / "admin"), "list").exit_code == 0
+    assert calls[-1].headers["authorization"] == "Bearer from-file"
 
 
 def test_errors_print_the_server_message(calls: list[httpx.Request]) -> None:

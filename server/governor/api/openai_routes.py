@@ -12,6 +12,8 @@ from governor.api.body import read_json
 from governor.api.deps import ClientDep, ServiceDep, SettingsDep, user_auth
 from governor.endpoint import ENDPOINTS, Kind
 from governor.errors import ModelNotFound
+from governor.lora.merge import PUBLIC_PROVENANCE
+from governor.quota import presented_key
 from governor.request import ChatCompletionRequest, CompletionRequest, parse_request
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -37,6 +39,8 @@ def model_cards(request: Request) -> list[dict[str, Any]]:
               "parent": None, "max_model_len": request.app.state.settings.max_model_len}]  # fmt: skip
     provenance = getattr(request.app.state, "model_provenance", None)
     if provenance:  # a merged model (`governor adapters merge`) says what it was made from
+        if not auth.is_admin(request.app.state.settings, presented_key(request.headers)):
+            provenance = {k: provenance[k] for k in PUBLIC_PROVENANCE if k in provenance}  # no server paths
         cards[0]["governor_merge"] = provenance
     registry = getattr(request.app.state, "registry", None)
     if registry is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -69,8 +70,23 @@ def register(app: typer.Typer) -> typer.Typer:
     def connect(
         ctx: typer.Context,
         url: str = typer.Option("http://127.0.0.1:8000", envvar="GOVERNOR_URL", help="Governor base URL."),
-        admin_key: str = typer.Option("", envvar="GOVERNOR_ADMIN_KEY", help="Admin key.", show_default=False),
+        admin_key: str = typer.Option("", envvar="GOVERNOR_ADMIN_KEY", hidden=True, show_default=False),
+        admin_key_file: Path | None = typer.Option(
+            None, envvar="GOVERNOR_ADMIN_KEY_FILE", help="A file holding the admin key (or set GOVERNOR_ADMIN_KEY)."
+        ),
     ) -> None:
+        source = ctx.get_parameter_source("admin_key")  # typer's own click: compared by name
+        if source is not None and source.name == "COMMANDLINE":
+            raise typer.BadParameter(
+                "a key on the command line is visible to every local user (ps); set GOVERNOR_ADMIN_KEY in the "
+                "environment, or GOVERNOR_ADMIN_KEY_FILE (or --admin-key-file) to a file holding it.",
+                param_hint="--admin-key",
+            )
+        if admin_key_file is not None and not admin_key:
+            try:
+                admin_key = admin_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                fail(f"cannot read the admin key file {admin_key_file}: {exc.strerror or exc}")
         ctx.obj = AdminClient(url, admin_key or None)
 
     @adapters.command("list")

@@ -178,8 +178,12 @@ def run_merge(plan: MergePlan, progress: Callable[[str], None], *, force: bool =
     return out
 
 
+# What a user key sees of a merge on /v1/models: names and hashes, never where the files were (admin only).
+PUBLIC_PROVENANCE = ("base_model", "adapter", "adapter_sha256", "adapter_rank", "dtype", "merged_at")
+
+
 def provenance(plan: MergePlan) -> dict[str, Any]:
-    """What the merged folder was made from: shown on /v1/models for the served model."""
+    """What the merged folder was made from: shown on /v1/models for the served model (paths to the admin key)."""
     return {
         "base_model": plan.base_name,
         "base_path": str(plan.base_dir),

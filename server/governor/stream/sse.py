@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from governor.errors import EngineUnavailable, GovernorError, error_body, from_status
+from governor.redaction import redact_paths
 
 DONE = b"data: [DONE]\n\n"
 SEP = b"\n\n"  # ends every event
@@ -100,12 +101,12 @@ def tail_error(block: bytes) -> tuple[bytes, GovernorError | None]:
 
 
 def event_error(obj: Any) -> GovernorError | None:
-    """An error event (`{"error": ...}` without choices) as Governor's error: the engine's message and 4xx
-    status kept, a 5xx as 503; else None."""
+    """An error event (`{"error": ...}` without choices) as Governor's error: the engine's message (server
+    paths out) and 4xx status kept, a 5xx as 503; else None."""
     if not isinstance(obj, dict) or "error" not in obj or "choices" in obj:
         return None
     err = obj["error"] if isinstance(obj["error"], dict) else {"message": obj["error"]}
-    message = str(err.get("message") or "The engine reported an error.")[:2000]
+    message = redact_paths(str(err.get("message") or "The engine reported an error.")[:2000])
     code = err.get("code")
     status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 500
     exc = from_status(status, message) if status < 500 else EngineUnavailable(f"Engine error: {message}")
