@@ -263,3 +263,23 @@ async def test_evicted_adapters_give_their_copy_up(
     await registry.unload("b")  # evicted: nothing left to release
     await registry.unload("a")
     assert staged_dirs(tmp_path) == []
+
+
+async def test_hard_linked_files_are_refused(
+    make_registry: Make, engine: Engine, root: Path, factory: AdapterFactory, tmp_path: Path
+) -> None:
+    """A hard link is the file itself under a second name, perhaps outside the root: never read through one."""
+    folder = factory.copy("good", root / "a")
+    outside = tmp_path / "outside-config.json"
+    os.replace(folder / "adapter_config.json", outside)
+    os.link(outside, folder / "adapter_config.json")
+    registry = make_registry()
+    await registry.start()
+    with pytest.raises(InvalidRequest) as info:
+        await registry.load("a", "a")
+    assert "hard link" in info.value.message and "adapter_config.json" in info.value.message
+    assert engine.fake.load_calls == [] and staged_dirs(tmp_path) == []
+    # A copy of it (one link) loads.
+    (folder / "adapter_config.json").unlink()
+    shutil.copyfile(outside, folder / "adapter_config.json")
+    assert (await registry.load("a", "a"))["state"] == "ready"

@@ -3,7 +3,10 @@ changed ones reloaded under a new internal name; bad events never stop it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,3 +98,54 @@ def test_folder_of(tmp_path: Path) -> None:
     assert w.folder_of(str(tmp_path / ".git" / "x")) is None
     assert w.folder_of(str(tmp_path / "a" / "x.safetensors.part")) is None
     assert w.folder_of("/elsewhere/a") is None
+
+
+# -- the watcher's completeness check opens nothing it should not --------------------------------------------
+
+
+# Run in a child process: safetensors' open of a FIFO blocks holding the GIL, so a thread could not even time out.
+CHECK = """
+import os, sys
+from pathlib import Path
+from governor.lora.watcher import header_parses
+
+root, folder = Path(sys.argv[1]), Path(sys.argv[2])
+weights = folder / "adapter_model.safetensors"
+real_is_file = Path.is_file
+
+def is_file_then_swap(path):  # the race: the file checked, then replaced by a FIFO before it is opened
+    found = real_is_file(path)
+    if path.name == weights.name and real_is_file(weights):
+        weights.unlink()
+        os.mkfifo(weights)
+    return found
+
+Path.is_file = is_file_then_swap
+print(header_parses(root, folder))
+Path.is_file = real_is_file
+if not weights.is_fifo():  # the check never looked twice: swap it now
+    weights.unlink()
+    os.mkfifo(weights)
+print(header_parses(root, folder))
+"""
+
+
+def test_weights_swapped_for_a_fifo_never_hang_the_check(root: Path, factory: AdapterFactory) -> None:
+    folder = factory.copy("good", root / "a")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CHECK, str(root.resolve()), str(folder)], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("header_parses hung on a FIFO swapped in for the weights")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "False"  # a FIFO is not a complete folder
+
+
+def test_hard_linked_weights_are_not_read(root: Path, tmp_path: Path, factory: AdapterFactory) -> None:
+    folder = factory.copy("good", root / "a")
+    assert watcher_mod.header_parses(root.resolve(), folder)
+    outside = tmp_path / "outside.safetensors"
+    os.replace(folder / "adapter_model.safetensors", outside)
+    os.link(outside, folder / "adapter_model.safetensors")  # the same file, also named outside the root
+    assert not watcher_mod.header_parses(root.resolve(), folder)

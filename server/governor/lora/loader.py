@@ -19,7 +19,7 @@ from typing import Any
 
 from governor.engine.base import EngineClient, EngineState
 from governor.engine.pool import EnginePool
-from governor.errors import AdapterWaitTimeout, EngineUnavailable, GovernorError
+from governor.errors import AdapterWaitTimeout, EngineUnavailable, GovernorError, InvalidRequest
 from governor.lora.adapter import Adapter, AdapterState, Version, internal_name
 from governor.lora.metrics import AdapterMetrics
 from governor.lora.objects import ObjectFetcher, is_object_url
@@ -86,6 +86,14 @@ class AdapterLoader:
         except GovernorError as exc:
             self.fail(a, exc, serving)
             raise
+        except Exception as exc:  # a check that broke on these files: the adapter fails, it is not left validating
+            err = unexpected(a, "validated", exc)
+            self.fail(a, err, serving)
+            raise err from exc
+        except BaseException:  # cancelled while validating: the adapter is as it was
+            if not serving:
+                a.state = before
+            raise
         took, old = False, None  # whether a version took over validation's reference to the staged copy
         try:
             profile: object = checked.profile
@@ -95,6 +103,10 @@ class AdapterLoader:
                 except GovernorError as exc:
                     self.fail(a, exc, serving)
                     raise
+                except Exception as exc:
+                    err = unexpected(a, "compiled (governor.json)", exc)
+                    self.fail(a, err, serving)
+                    raise err from exc
             if self.after_validation is not None:
                 await self.after_validation(checked)
             deadline = time.monotonic() + (self.wait_seconds if wait is None else wait)
@@ -299,3 +311,15 @@ class AdapterLoader:
     def touch(self, a: Adapter) -> None:
         self._tick += 1
         a.lru, a.last_used = self._tick, time.time()
+
+
+def unexpected(a: Adapter, step: str, exc: Exception) -> GovernorError:
+    """A refusal for an exception no check anticipated: the adapter's files caused it, so a 4xx that fails the
+    adapter, with the exception's type only (its text may hold server paths); the traceback goes to the log."""
+    log.error("adapter could not be %s", step, exc_info=exc, extra={"adapter": a.name})
+    return InvalidRequest(
+        f"Adapter '{a.name}' could not be {step}: checking its files raised {type(exc).__name__}. Fix "
+        "adapter_config.json, the weights or governor.json; the server log has the details.",
+        param="path",
+        code="adapter_validation_failed",
+    )

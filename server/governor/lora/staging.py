@@ -6,6 +6,13 @@ So Governor reads each file it needs once, through a descriptor opened without f
 files only, size-bounded), into STAGING/<sha256 of the content>/, and validates and serves that copy. The
 user's folder is never given to the engine; pickles are never copied, so vLLM has nothing to fall back to.
 
+Hard links are refused like symlinks (a file with st_nlink > 1): a hard link is the same file under a second
+name, which may lie outside the adapters root, so reading through one breaks "nothing outside the root is
+opened". The kernel's fs.protected_hardlinks usually stops a user linking a file they could not read anyway, but
+it is a sysctl (off in some containers and older hosts), and Governor may be able to read files the users who
+write the root cannot: its state, keys and other tenants' adapters. Copying stays safe either way; the refusal
+costs a `cp` instead of a `ln`, and PEFT's save_pretrained, downloads and copies all make one-link files.
+
 Copies are reference-counted: the validation that made one holds a reference until a version takes it over,
 the version until it is unloaded. The last release removes the copy; stale copies are removed at start.
 """
@@ -74,7 +81,7 @@ class AdapterStager:
         self._ensure_root()
         incoming = Path(tempfile.mkdtemp(prefix=_INCOMING, dir=self.root))
         try:
-            dir_fd = _open_folder(root, folder, shown)
+            dir_fd = open_folder(root, folder, shown)
             try:
                 outer = hashlib.sha256()
                 sizes: dict[str, int] = {}
@@ -147,7 +154,7 @@ class AdapterStager:
 # -- reading the user's folder without following links ----------------------------------------------------
 
 
-def _open_folder(root: Path, folder: Path, shown: str) -> int:
+def open_folder(root: Path, folder: Path, shown: str) -> int:
     """A descriptor for `folder`, walked down from `root` one component at a time, no symlink followed.
 
     `folder` was resolved (it has no symlinks); a component replaced by a link since is refused here."""
@@ -166,33 +173,56 @@ def _open_folder(root: Path, folder: Path, shown: str) -> int:
     return fd
 
 
-def _copy_member(dir_fd: int, member: Member, incoming: Path, shown: str) -> tuple[int, bytes] | None:
-    """Copy one file into `incoming`; (size, sha256) or None when an optional file is absent."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO must not hang us
+def open_file(dir_fd: int, name: str, shown: str) -> tuple[int, os.stat_result]:
+    """A blocking descriptor for `name` in the folder `dir_fd` and its stat, or InvalidRequest saying why not.
+
+    Opened without following a symlink and without blocking (a FIFO swapped in must not pin the thread: opening
+    one for reading waits for a writer), then refused unless it is a regular file with a single name (no hard
+    link, see the module docstring). FileNotFoundError passes through: whether that is an error is the caller's."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        src = os.open(member.name, flags, dir_fd=dir_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        if exc.errno == errno.ENOENT and not member.required:
-            return None
-        if exc.errno == errno.ENOENT:
-            raise InvalidRequest(
-                f"Adapter folder {shown!r} has no {member.name}; an adapter is a PEFT folder with "
-                "adapter_config.json and adapter_model.safetensors (PEFT's save_pretrained writes both).",
-                param="path",
-            ) from exc
         if exc.errno == errno.ELOOP:
             raise InvalidRequest(
-                f"{member.name} in {shown!r} is a symlink; adapter files are never followed through links. "
+                f"{name} in {shown!r} is a symlink; adapter files are never followed through links. "
                 "Copy the real file in.",
                 param="path",
             ) from exc
-        raise InvalidRequest(f"{member.name} in {shown!r} cannot be read ({exc.strerror}).", param="path") from exc
+        raise InvalidRequest(f"{name} in {shown!r} cannot be read ({exc.strerror}).", param="path") from exc
     try:
-        st = os.fstat(src)
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidRequest(f"{member.name} in {shown!r} is not a regular file.", param="path")
+            raise InvalidRequest(f"{name} in {shown!r} is not a regular file.", param="path")
+        if st.st_nlink > 1:
+            raise InvalidRequest(
+                f"{name} in {shown!r} is a hard link (the file has {st.st_nlink} names); adapter files are never read "
+                "through links. Copy the file in (cp, not ln).",
+                param="path",
+            )
+        os.set_blocking(fd, True)
+        return fd, st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _copy_member(dir_fd: int, member: Member, incoming: Path, shown: str) -> tuple[int, bytes] | None:
+    """Copy one file into `incoming`; (size, sha256) or None when an optional file is absent."""
+    try:
+        src, st = open_file(dir_fd, member.name, shown)
+    except FileNotFoundError as exc:
+        if not member.required:
+            return None
+        raise InvalidRequest(
+            f"Adapter folder {shown!r} has no {member.name}; an adapter is a PEFT folder with "
+            "adapter_config.json and adapter_model.safetensors (PEFT's save_pretrained writes both).",
+            param="path",
+        ) from exc
+    try:
         _check_size(st.st_size, member)
-        os.set_blocking(src, True)
         digest = hashlib.sha256()
         size = 0
         dst = os.open(incoming / member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

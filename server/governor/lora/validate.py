@@ -6,7 +6,8 @@ links but opens nothing) and checked to lie inside the root first; its files are
 directory Governor owns (staging.py: no symlink followed, regular files only) and every check runs on that
 copy, the one the engine is given. Pickle weights are refused, never unpickled or copied; the safetensors
 header is parsed by the safetensors library, which runs no code. Adapter-supplied regexes run on RE2
-(linear time), never on Python's backtracking `re`.
+(linear time), never on Python's backtracking `re`; every field of adapter_config.json is checked by
+peft_config.py, patterns included, and fields it does not know are refused.
 """
 
 from __future__ import annotations
@@ -19,24 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-import re2
 from safetensors import SafetensorError, safe_open
 
 from governor.errors import AdapterNotFound, GovernorError, InvalidRequest
 from governor.lora.base_model import BaseModelInfo, last_component, layer_index
+from governor.lora.peft_config import CONFIG, check_fields, compile_pattern
 from governor.lora.staging import AdapterStager, Member
 
 log = logging.getLogger("governor.lora")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PROFILE = "governor.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CONFIG_LIMIT = 1024 * 1024
 PROFILE_LIMIT = 64 * 1024
-PATTERN_LIMIT = 256  # target_modules as a regex: longer ones are refused before compiling
-_RE2_MEMORY = 1 << 20  # bytes RE2 may use for one compiled pattern; bigger programs are refused
+# PEFT configs nest 3 deep, profiles a few more; json.loads recurses per level and raises RecursionError near 1,000.
+JSON_DEPTH = 32
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)  # a string (skipped) or a bracket
 _TENSOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.(?:weight|bias)$")
 _PEFT_PREFIX = "base_model.model."
 
@@ -116,8 +117,13 @@ def resolve_folder(root: Path, path: str) -> Path:
 
 
 def _json_object(data: bytes, what: str, param: str) -> dict[str, Any]:
+    nested = InvalidRequest(f"{what} is nested more than {JSON_DEPTH} levels deep; fix the file.", param=param)
+    if _too_deep(data):
+        raise nested
     try:
         value = json.loads(data)
+    except RecursionError as exc:  # cannot happen after _too_deep; kept so a parser change cannot wedge a load
+        raise nested from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"{what} is not valid JSON ({exc}); fix the file.", param=param) from exc
     if not isinstance(value, dict):
@@ -125,17 +131,18 @@ def _json_object(data: bytes, what: str, param: str) -> dict[str, Any]:
     return value
 
 
-def header_parses(root: Path, folder: Path) -> bool:
-    """True when the folder's weights lie inside root and their safetensors header parses (watcher check)."""
-    weights = inside(root, folder / WEIGHTS)
-    if weights is None or not weights.is_file():
-        return False
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            f.keys()
-        return True
-    except (SafetensorError, OSError, ValueError):
-        return False
+def _too_deep(data: bytes) -> bool:
+    """Whether brackets outside strings nest past JSON_DEPTH: one linear scan, stopping at the first excess."""
+    depth = 0
+    for token in _JSON_TOKEN.finditer(data):
+        char = data[token.start()]
+        if char in b"[{":
+            depth += 1
+            if depth > JSON_DEPTH:
+                return True
+        elif char in b"]}":
+            depth -= 1
+    return False
 
 
 class AdapterValidator:
@@ -206,6 +213,7 @@ class AdapterValidator:
         peft_type = config.get("peft_type")
         if peft_type is not None and str(peft_type).upper() != "LORA":
             raise InvalidRequest(f"Only LoRA adapters are served; this one is {peft_type}.", param="peft_type")
+        check_fields(config)  # every field known, patterns safe, no feature the engine would refuse
         rank = self._rank(config.get("r"), "r")
         pattern = config.get("rank_pattern") or {}
         if not isinstance(pattern, dict):
@@ -339,28 +347,6 @@ class AdapterValidator:
             raise _mismatch(f"'{key}' takes {shape[1]} input features, the base module {in_features}")
         if kind == "lora_B" and key.endswith(".weight") and shape[0] != out_features:
             raise _mismatch(f"'{key}' produces {shape[0]} output features, the base module {out_features}")
-
-
-def compile_pattern(pattern: str) -> Any:
-    """An adapter's target_modules regex on RE2: linear-time matching, bounded length and memory."""
-    if len(pattern) > PATTERN_LIMIT:
-        raise InvalidRequest(
-            f"target_modules regex is {len(pattern)} characters; the limit is {PATTERN_LIMIT}. List the modules "
-            "instead.",
-            param="target_modules",
-        )
-    options = re2.Options()
-    options.max_mem = _RE2_MEMORY
-    options.log_errors = False
-    try:
-        return re2.compile(pattern, options)
-    except re2.error as exc:
-        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise InvalidRequest(
-            f"target_modules regex {pattern!r} is refused: {reason}. Patterns run on RE2 (no backreferences or "
-            "lookaround); list the modules instead.",
-            param="target_modules",
-        ) from exc
 
 
 def _mismatch(detail: str) -> GovernorError:

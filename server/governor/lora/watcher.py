@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from safetensors import SafetensorError, safe_open
 from watchfiles import awatch
 
-from governor.lora.validate import CONFIG, WEIGHTS, header_parses, inside, is_temporary
+from governor.errors import GovernorError
+from governor.lora.staging import open_file, open_folder
+from governor.lora.validate import CONFIG, WEIGHTS, inside, is_temporary
 
 log = logging.getLogger("governor.lora")
 
@@ -52,6 +55,31 @@ def snapshot(folder: Path) -> Snapshot | None:
             return out
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def header_parses(root: Path, folder: Path) -> bool:
+    """True when the folder lies inside `root` and its weights' safetensors header parses: the folder is complete.
+
+    The weights are opened the way staging opens them (staging.open_file: no symlink followed, never blocking,
+    a regular file with one name), so a FIFO swapped in cannot pin the thread, nor a link lead out of the root;
+    the header is then parsed through that descriptor (/dev/fd/N names the file already open, not a path)."""
+    resolved = inside(root, folder)
+    if resolved is None:
+        return False
+    try:
+        dir_fd = open_folder(root, resolved, folder.name)
+        try:
+            fd, _ = open_file(dir_fd, WEIGHTS, folder.name)
+        finally:
+            os.close(dir_fd)
+        try:
+            with safe_open(f"/dev/fd/{fd}", framework="numpy") as f:
+                f.keys()
+        finally:
+            os.close(fd)
+        return True
+    except (GovernorError, OSError, SafetensorError, ValueError):
+        return False
 
 
 class AdapterWatcher:
