@@ -80,12 +80,14 @@ def register_adapters(bench_app: typer.Typer) -> None:
         reps: int = typer.Option(5, min=1, help="Repetitions per side (interleaved)."),
         max_tokens: int = typer.Option(32, min=1, help="Output tokens per request."),
         eager: bool = typer.Option(True, help="--enforce-eager engines (faster start)."),
+        mixes: str = typer.Option("hot,round-robin,zipf", help="Which mixes to run, comma-separated."),
     ) -> None:
         """4 hot, N round-robin and N Zipf adapters: Governor vs vLLM direct (all given at start), same run."""
         from governor.bench import adapters as bench
         from governor.settings import Settings
 
-        for line in bench.run(Settings(enforce_eager=eager), count, concurrency, requests, reps, max_tokens):
+        for line in bench.run(Settings(enforce_eager=eager), count, concurrency, requests, reps, max_tokens,
+                              mixes.split(",")):  # fmt: skip
             typer.echo(line)
 
 

@@ -54,12 +54,17 @@ def make_adapters(base_dir: Path, root: Path, count: int) -> list[Path]:
     return folders
 
 
-def mixes(count: int, total: int, seed: int = 7) -> dict[str, list[str]]:
-    """Per-request adapter names for each mix; the Zipf sequence is drawn once, so both sides get it."""
+MIXES = ("hot", "round-robin", "zipf")
+
+
+def mixes(count: int, total: int, seed: int = 7) -> dict[str, tuple[str, list[str]]]:
+    """Per-request adapter names for each mix, by its short name; the Zipf sequence is drawn once, so both
+    sides get it."""
     names = [f"a-{i}" for i in range(count)]
     rng = random.Random(seed)
     zipf = rng.choices(names, [1 / (k + 1) for k in range(count)], k=total)
-    return {"4 hot": names[:4], f"{count} round-robin": names, f"{count} zipf": zipf}
+    return {"hot": ("4 hot", names[:4]), "round-robin": (f"{count} round-robin", names),
+            "zipf": (f"{count} zipf", zipf)}  # fmt: skip
 
 
 async def _wait_filled(url: str, loaded: int, timeout: float = 600) -> None:
@@ -92,7 +97,11 @@ def report(pair: Pair) -> str:
     )
 
 
-def run(settings: Settings, count: int, concurrency: int, total: int, reps: int, max_tokens: int) -> Iterator[str]:
+def run(settings: Settings, count: int, concurrency: int, total: int, reps: int, max_tokens: int,
+        only: tuple[str, ...] | list[str] = MIXES) -> Iterator[str]:  # fmt: skip
+    unknown = set(only) - set(MIXES)
+    if unknown:
+        raise SystemExit(f"unknown mix {', '.join(sorted(unknown))}; choose from {', '.join(MIXES)}")
     model, name, base_dir = resolve_model(settings)
     if base_dir is None:
         raise SystemExit(f"the base model {model!r} has no local files to make adapters from")
@@ -123,7 +132,7 @@ def run(settings: Settings, count: int, concurrency: int, total: int, reps: int,
         # Governor fills the engine's slots from the registered folders after a start: not timed.
         asyncio.run(_wait_filled(f"http://127.0.0.1:{gw_port}", min(count, lora.engine_adapter_slots)))
         body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
-        for label, models in mixes(count, total).items():
+        for label, models in [mix for key, mix in mixes(count, total).items() if key in only]:
             pair = asyncio.run(interleaved(f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{gw_port}", body,
                                            concurrency, total, reps, label, {"decoding_preset": "off"},
                                            models=models))  # fmt: skip
