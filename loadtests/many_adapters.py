@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -43,6 +44,8 @@ def tiny_adapter(dest: Path) -> Path:
     config = LoraConfig(r=1, lora_alpha=2, target_modules=["q_proj"], layers_to_transform=[0],
                         init_lora_weights=False)  # fmt: skip
     get_peft_model(model, config).save_pretrained(str(dest))
+    config_file = dest / "adapter_config.json"  # the fake engine serves "fake-model": name it as the base
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "fake-model"}))
     return dest
 
 
