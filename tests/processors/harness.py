@@ -160,3 +160,37 @@ def random_session(
                     out.append(next_token(rng, request.prompt + out, vocab))
         sim.check(reference, rng, vocab)
     return sim
+
+
+def long_outputs(
+    sim: BatchSim,
+    rng: random.Random,
+    vocab: int,
+    rule: Callable[..., Any],
+    args: Callable[[bool], Any],
+    now: Callable[[], int],
+    steps: int = 400,
+) -> int:
+    """Four rows over `steps` steps: all replaced every 90 steps, one replaced mid-way by a request with a
+    70-token prompt, each step checked against `rule`. `args(first)` gives a new request's arguments (first:
+    one of the four started together). Returns how often the history moved back left (`now` went down)."""
+    requests: dict[int, Any] = {}
+    moves = 0
+    for step in range(steps):
+        if step % 90 == 0:
+            for index in range(4):
+                if index in requests:
+                    sim.remove(index)
+                prompt = [next_token(rng, [], vocab) for _ in range(rng.randrange(1, 12))]
+                requests[index] = sim.add(index, args(True), prompt)
+        elif step % 90 == 45:
+            index = rng.randrange(4)
+            sim.remove(index)
+            requests[index] = sim.add(index, args(False), [next_token(rng, [], vocab) for _ in range(70)])
+        sim.flush()
+        before = now()
+        sim.check(rule, rng, vocab)
+        moves += now() < before
+        for request in requests.values():
+            request.output.append(next_token(rng, request.prompt + request.output, vocab))
+    return moves

@@ -22,7 +22,7 @@ from governor.processors.reference.ngram import NoRepeatNGramLogitsProcessor as 
 from governor.processors.reference.window_penalty import WindowedRepetitionPenaltyLogitsProcessor as ReferencePenalty
 from governor.processors.window_penalty import WindowedRepetitionPenaltyLogitsProcessor
 
-from .harness import BatchSim, make_processor, next_token, random_session
+from .harness import BatchSim, long_outputs, make_processor, next_token, random_session
 from .test_dry import dry_reference
 from .test_ngram import ngram_reference
 from .test_window_penalty import penalty_reference
@@ -137,23 +137,5 @@ def test_batched_equals_reference_over_long_outputs(name: str, seed: int) -> Non
     batched = make_processor(batched_cls, vocab)
     pair = Lockstep(batched, make_processor(reference_cls, vocab))
     sim = BatchSim(pair, batch_size=4)
-    requests: dict[int, Any] = {}
-    moves = 0
-    for step in range(400):
-        if step % 90 == 0:
-            for index in range(4):
-                if index in requests:
-                    sim.remove(index)
-                prompt = [next_token(rng, [], vocab) for _ in range(rng.randrange(1, 12))]
-                requests[index] = sim.add(index, make_args(vocab)(rng), prompt)
-        elif step % 90 == 45:  # one row replaced mid-way, by a request with a longer prompt
-            index = rng.randrange(4)
-            sim.remove(index)
-            requests[index] = sim.add(index, make_args(vocab)(rng), [next_token(rng, [], vocab) for _ in range(70)])
-        sim.flush()
-        before = batched.now
-        sim.check(rule, rng, vocab)
-        moves += batched.now < before
-        for request in requests.values():
-            request.output.append(next_token(rng, request.prompt + request.output, vocab))
+    moves = long_outputs(sim, rng, vocab, rule, lambda first: make_args(vocab)(rng), lambda: batched.now)
     assert pair.steps == 400 and moves >= 2

@@ -26,7 +26,7 @@ from governor.processors.governor import GovernorLogitsProcessor
 from governor.processors.ngram import NoRepeatNGramLogitsProcessor
 from governor.processors.window_penalty import WindowedRepetitionPenaltyLogitsProcessor
 
-from .harness import BatchSim, make_processor, next_token, random_session
+from .harness import BatchSim, long_outputs, make_processor, next_token, random_session
 from .test_common import CountTorchCalls
 from .test_dry import dry_reference
 from .test_ngram import ngram_reference
@@ -122,26 +122,12 @@ def test_equals_the_three_processors_over_long_outputs(seed: int) -> None:
     rng, vocab = random.Random(seed), 12
     pair = AgainstChain(vocab)
     sim = BatchSim(pair, batch_size=4)
-    requests: dict[int, Any] = {}
     make_args = mixed_args(vocab)
-    moves = 0
-    for step in range(400):
-        if step % 90 == 0:
-            for index in range(4):
-                if index in requests:
-                    sim.remove(index)
-                prompt = [next_token(rng, [], vocab) for _ in range(rng.randrange(1, 12))]
-                requests[index] = sim.add(index, rng.choice([make_args(rng), PRESET_LIKE]), prompt)
-        elif step % 90 == 45:
-            index = rng.randrange(4)
-            sim.remove(index)
-            requests[index] = sim.add(index, make_args(rng), [next_token(rng, [], vocab) for _ in range(70)])
-        sim.flush()
-        before = pair.governor.history.now
-        sim.check(chained_rule, rng, vocab)
-        moves += pair.governor.history.now < before
-        for request in requests.values():
-            request.output.append(next_token(rng, request.prompt + request.output, vocab))
+
+    def args(first: bool) -> Any:
+        return rng.choice([make_args(rng), PRESET_LIKE]) if first else make_args(rng)
+
+    moves = long_outputs(sim, rng, vocab, chained_rule, args, lambda: pair.governor.history.now)
     assert pair.steps == 400 and moves >= 2
 
 
