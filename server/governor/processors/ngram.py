@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 _MAX_CAP = 32767  # the match state is int16; an n-gram longer than that never fits a context anyway
 
 
+def ngram_need(config: NGramConfig) -> int:
+    """Match length (n - 1) at which the token after an earlier position completes a repeated n-gram."""
+    return min(config.size - 1, _MAX_CAP)
+
+
+def ngram_reach(config: NGramConfig) -> int:
+    """How far back (in positions before the newest token) an n-gram's prefix may end inside the window: the
+    n-gram after column c starts at c - (n - 2), inside a window w iff c >= now - (w - (n - 1))."""
+    return min(config.window or UNBOUNDED, UNBOUNDED) - ngram_need(config)
+
+
 class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
     """Bans tokens that would repeat an n-gram of the request's recent output.
 
@@ -61,21 +72,16 @@ class NoRepeatNGramLogitsProcessor(BatchedLogitsProcessor):
             self.need = grown(self.need, (slots,))
             self.reach = grown(self.reach, (slots,))
 
-    @staticmethod
-    def _reach(config: NGramConfig) -> int:
-        # The n-gram after column c starts at c - (n - 2): inside a window w iff c >= now - (w - (n - 1)).
-        return min(config.window or UNBOUNDED, UNBOUNDED) - min(config.size - 1, _MAX_CAP)
-
     def configure(self, rows: list[SlotRow]) -> None:
-        ints = [row.slot for row in rows] + [min(row.config.size - 1, _MAX_CAP) for row in rows]
-        ints += [self._reach(row.config) for row in rows]
+        ints = [row.slot for row in rows] + [ngram_need(row.config) for row in rows]
+        ints += [ngram_reach(row.config) for row in rows]
         slots, need, reach = self.host_to_device(ints, torch.int64).split(len(rows))
         self.need[slots] = need.to(torch.int16)
         self.reach[slots] = reach.to(torch.int32)
 
     def penalize(self, logits: torch.Tensor, step: Step) -> None:
         if self._seen_layout != self.layout_version:
-            reaches = [self._reach(row.config) for row in self.active]
+            reaches = [ngram_reach(row.config) for row in self.active]
             self._widest, self._narrowest = max(reaches), min(reaches)
             self._cap = min(_MAX_CAP, max(row.config.size for row in self.active) - 1)
             self._seen_layout = self.layout_version

@@ -27,6 +27,7 @@ from governor.processors.extra_args import (
     parse_ngram,
     parse_rep_penalty,
 )
+from governor.processors.ngram import ngram_need, ngram_reach
 
 # Per cell, the select plane holds 8 * config + these flags; each table has a row per select value.
 DRY_ALIVE, NGRAM_ALIVE, PENALTY_ALIVE = 1, 2, 4
@@ -35,7 +36,6 @@ FLAGS = 8
 # even another breaker, so the newest token can be compared against the history as stored.
 BREAK_BASE = -(1 << 40)
 ONE_BITS = int(np.float32(1.0).view(np.uint32))
-_NGRAM_MAX_NEED = 32767  # as the per-processor n-gram ban: longer n-grams never fit a context anyway
 _OUTSIDE_CLAMP = (1 << 31) + OUTSIDE_BASE - 1
 _VALUE = itemgetter(1)
 _CACHE_LIMIT = 256  # distinct argument sets cached before the unused ones are dropped
@@ -300,16 +300,6 @@ def _cache_key(args: Mapping[str, object]) -> tuple[object, ...] | None:
     except TypeError:  # a list where a scalar belongs: parsing rejects it with the right message
         return None
     return key
-
-
-def ngram_need(config: NGramConfig) -> int:
-    """Match length (n - 1) at which the token after an earlier position completes a repeated n-gram."""
-    return min(config.size - 1, _NGRAM_MAX_NEED)
-
-
-def ngram_reach(config: NGramConfig) -> int:
-    """How far back (in positions before the newest token) an n-gram's prefix may end inside the window."""
-    return min(config.window or UNBOUNDED, UNBOUNDED) - ngram_need(config)
 
 
 def comparable(keys: np.ndarray) -> np.ndarray:
