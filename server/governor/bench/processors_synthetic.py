@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from governor.engine.flags import PROCESSORS
+from governor.engine.flags import SEPARATE_PROCESSORS
 
 # name -> "module:Class" as the engine flags load them; the sets are measured with all three loaded,
 # as in the engine, so a processor nobody in the batch uses still costs its early return.
-NAMES = {"dry": PROCESSORS[0], "ngram": PROCESSORS[1], "window_penalty": PROCESSORS[2]}
+NAMES = {"dry": SEPARATE_PROCESSORS[0], "ngram": SEPARATE_PROCESSORS[1], "window_penalty": SEPARATE_PROCESSORS[2]}
 SETS = ("balanced", "strict")
 BATCHES = (8, 64, 256, 1024)
 TINY_VOCAB = 256

@@ -12,7 +12,11 @@ from pathlib import Path
 from governor.engine.vllm_fixes import FIXES_ENV
 from governor.settings import Settings
 
-PROCESSORS = [
+# One processor for DRY, the n-gram ban and the windowed penalty: one history, one step (issue 26).
+PROCESSORS = ["governor.processors.governor:GovernorLogitsProcessor"]
+# The same three controls as separate processors, in the order the Governor processor applies them:
+# the reference the benchmarks and equivalence tests compare it with.
+SEPARATE_PROCESSORS = [
     "governor.processors.dry:DRYLogitsProcessor",
     "governor.processors.ngram:NoRepeatNGramLogitsProcessor",
     "governor.processors.window_penalty:WindowedRepetitionPenaltyLogitsProcessor",
