@@ -22,6 +22,9 @@ from governor.engine.process import free_port
 
 ADMIN_KEY = "test-admin-key"
 START_TIMEOUT = 600.0
+# The session's `live` server; also the Governor tests/integration/test_engine_restart.py starts in its place.
+# Every test client is one address: the soak sample runs 200 streams from it (default limit 64).
+LIVE_SETTINGS = {"GOVERNOR_MAX_LORA_RANK": "16", "GOVERNOR_ADDRESS_CONCURRENCY": "256"}
 
 
 @dataclass
@@ -120,7 +123,5 @@ def start_governor(root: Path, **env: str) -> Iterator[Live]:
 
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    # Every test client is one address: the soak sample runs 200 streams from it (default limit 64).
-    with start_governor(tmp_path_factory.mktemp("live"), GOVERNOR_MAX_LORA_RANK="16",
-                        GOVERNOR_ADDRESS_CONCURRENCY="256") as server:  # fmt: skip
+    with start_governor(tmp_path_factory.mktemp("live"), **LIVE_SETTINGS) as server:
         yield server

@@ -1,7 +1,7 @@
 """Nothing an engine starts outlives Governor: the real VllmProcess and watchdog around a fake engine
 tree (API server -> "EngineCore" -> a "worker" in a session of its own), without vLLM.
 
-The real-engine version of these checks is tests/integration/test_z_engine_restart.py."""
+The real-engine version of these checks is tests/integration/test_engine_restart.py."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ like base + adapter served with LoRA on, and unlike the base; a killed merge lea
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from tests.conftest import Live, start_governor, wait_for
 from tests.integration.adapters import random_adapter
-from tests.integration.test_lora import model_ids
+from tests.integration.placed import Placed, model_ids, unique
 
 pytestmark = pytest.mark.engine
 
@@ -55,7 +54,7 @@ def killed_merge(adapter: Path, out: Path) -> None:
     assert not out.exists()
 
 
-def test_merged_model_answers_like_lora_serving(live: Live, tmp_path: Path) -> None:
+def test_merged_model_answers_like_lora_serving(live: Live, tmp_path: Path, placed: Placed) -> None:
     adapter = random_adapter(tmp_path / "src" / "merge-me", seed=41)
     out = tmp_path / "merged"
     killed_merge(adapter, out)
@@ -64,9 +63,9 @@ def test_merged_model_answers_like_lora_serving(live: Live, tmp_path: Path) -> N
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert not list(tmp_path.glob(".merged.merging-*")), "the killed merge's work folder is cleaned up"
 
-    shutil.copytree(adapter, live.adapters_dir / "merge-me")
-    wait_for(lambda: "merge-me" in model_ids(live), 60, what="the adapter to be served")
-    with_lora = completions(live.v1, "merge-me")
+    served = placed.drop(adapter, unique("merge-me"))
+    wait_for(lambda: served in model_ids(live), 60, what="the adapter to be served")
+    with_lora = completions(live.v1, served)
     base = completions(live.v1, live.model)
 
     (tmp_path / "merged-serve").mkdir()

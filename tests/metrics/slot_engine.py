@@ -1,5 +1,5 @@
 """A fake vLLM with LoRA slots, for the model-server contract tests (a fake, named so; the real engine is
-tested in tests/integration/test_y_epp_contract_live.py).
+tested in tests/integration/test_epp_contract_live.py).
 
 Like vLLM's scheduler it runs at most `slots` distinct adapters at once: a request for another adapter
 waits (headers sent, no token) until a slot frees. A running stream sends its first token, then waits

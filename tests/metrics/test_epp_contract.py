@@ -2,7 +2,7 @@
 in front of a fake vLLM with LoRA slots (tests/metrics/slot_engine.py): running and waiting adapters
 told apart, public names only after a hot-swap, idle adapters visible after an eviction, /v1/models
 with each adapter's parent. The same contract against the real engine: tests/integration/
-test_y_epp_contract_live.py."""
+test_epp_contract_live.py."""
 
 from __future__ import annotations
 

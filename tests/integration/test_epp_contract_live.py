@@ -16,12 +16,15 @@ import pytest
 
 from tests.conftest import Live, wait_for
 from tests.integration.adapters import random_adapter
+from tests.integration.placed import unique
 from tests.metrics import epp
 
 pytestmark = pytest.mark.engine
 
 SLOTS = 4  # GOVERNOR_MAX_LORAS' default, which the live server runs with
-NAMES = [f"epp-{i}" for i in range(SLOTS + 1)]
+RUN = unique("epp")  # names no other test uses
+NAMES = [f"{RUN}-{i}" for i in range(SLOTS + 1)]
+SWAP = f"{RUN}-swap"
 View = tuple[epp.EndpointMetrics, str]
 
 
@@ -35,16 +38,10 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def unload_after(live: Live) -> Iterator[None]:
-    """Give the session engine's LoRA slots back. The module also runs late (test_y_), after the tests that
-    need a fresh engine. Its slot churn once made the mixed-batch LoRA test fail: with an adapter left in
-    the last slot, vLLM's CPU LoRA ops served base-model rows that adapter's delta (vllm-project/vllm#48421,
-    fixed by Governor's vLLM plugin, engine/vllm_fixes.py). Adapters earlier tests left loaded are unloaded
-    first: this module fills the slots itself."""
-    r = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=30)
-    for adapter in r.json()["data"]:
-        httpx.delete(f"{live.url}/admin/adapters/{adapter['name']}", headers=live.admin(), timeout=60)
+    """Give the session engine's LoRA slots back: unload and delete this module's adapters, and only them.
+    Adapters other tests placed are not in use while it runs, so they take no batch slot."""
     yield
-    for name in [*NAMES, "epp-swap"]:
+    for name in [*NAMES, SWAP]:
         httpx.delete(f"{live.url}/admin/adapters/{name}", headers=live.admin(), timeout=60)
         shutil.rmtree(live.adapters_dir / ".api" / name, ignore_errors=True)
 
@@ -153,7 +150,7 @@ def test_epp_reads_running_and_waiting_adapters_with_the_slots_full(live: Live, 
 
 
 def test_after_a_hot_swap_only_the_public_name_is_exported(live: Live, made: Path) -> None:
-    name = "epp-swap"
+    name = SWAP
     folder = live.adapters_dir / ".api" / name
     shutil.copytree(made / "one", folder)
     admin_load(live, name)

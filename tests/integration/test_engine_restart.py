@@ -1,16 +1,14 @@
 """Killing the engine: open streams end with an error event, /ready turns 503 within 5 s, the
 supervisor restarts vLLM (its EngineCore going with it) and /ready is 200 again without restarting
 Governor. Killing Governor: nothing of its engine outlives it, and a new Governor on the same state
-dir starts cleanly and takes over as the session's `live` server.
-
-Named test_z_* so it runs last in the session: the restart costs about a minute of engine start, and
-the successor Governor one more."""
+dir starts cleanly and takes over as the session's `live` server, started with the same settings, so
+the tests that run after these (in whatever order) find a server like the one they would have had. The
+restart costs about a minute of engine start, and the successor Governor one more."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -21,8 +19,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Live, ready, start_governor, wait_for
+from tests.conftest import LIVE_SETTINGS, Live, ready, start_governor, wait_for
 from tests.integration.adapters import random_adapter
+from tests.integration.placed import Placed, unique
 from tests.integration.test_engine_access import answering, tcp_listeners
 
 pytestmark = pytest.mark.engine
@@ -59,13 +58,12 @@ def _adapter_ok(live: Live, name: str) -> bool:
     return httpx.post(live.v1 + "/completions", json=body, timeout=60).status_code == 200
 
 
-def test_engine_kill_ends_streams_and_recovers(live: Live, tmp_path: Path) -> None:
-    random_adapter(tmp_path / "survivor", seed=61)
-    shutil.copytree(tmp_path / "survivor", live.adapters_dir / "survivor")
-    wait_for(lambda: _adapter_ok(live, "survivor"), 30, what="adapter 'survivor' to serve")
+def test_engine_kill_ends_streams_and_recovers(live: Live, tmp_path: Path, placed: Placed) -> None:
+    survivor = placed.drop(random_adapter(tmp_path / "survivor", seed=61), unique("survivor"))
+    wait_for(lambda: _adapter_ok(live, survivor), 30, what=f"adapter {survivor!r} to serve")
     r = httpx.get(live.url + "/admin/adapters", headers=live.admin(), timeout=10)
     ready_before = {a["name"] for a in r.json()["data"] if a["state"] == "ready"}
-    assert "survivor" in ready_before
+    assert survivor in ready_before
     pids = live.engine_pids()
     assert len(pids) == 1, pids
     old_children = psutil.Process(pids[0]).children(recursive=True)  # EngineCore and its workers
@@ -105,7 +103,7 @@ def test_engine_kill_ends_streams_and_recovers(live: Live, tmp_path: Path) -> No
         return ready_before <= {a["name"] for a in listing if a["state"] == "ready"}
 
     wait_for(restored, 60, what="the adapters to be restored after the restart")
-    assert _adapter_ok(live, "survivor")
+    assert _adapter_ok(live, survivor)
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +143,7 @@ def test_governor_sigkill_leaves_no_engine_and_restarts_cleanly(live: Live, succ
     assert results and results[0][-1].startswith("transport error"), results[0][-3:]
 
     root = live.adapters_dir.parent
-    successor = successors.enter_context(start_governor(root, GOVERNOR_MAX_LORA_RANK="16"))
+    successor = successors.enter_context(start_governor(root, **LIVE_SETTINGS))
     assert "orphaned engine" not in successor.log_tail(200)  # the watchdog left nothing for the sweep
     wait_for(lambda: all(_adapter_ok(successor, name) for name in ready_before), 120,
              what=f"the adapters {sorted(ready_before)} to be restored")  # fmt: skip
