@@ -4,10 +4,12 @@ stream completes, then the process exits 0."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -53,6 +55,25 @@ def test_sigterm_drains(monkeypatch: object) -> None:
             assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
         assert proc.wait(60) == 0
         assert time.monotonic() - sent >= 2.0
+
+
+def test_a_chunked_body_past_the_limit_is_413_over_http() -> None:
+    """A body sent without Content-Length (chunked) is bounded by counting its bytes as uvicorn delivers
+    them; one under the limit, sent the same way, is served."""
+
+    def chunks(body: bytes) -> Iterator[bytes]:
+        yield from (body[i : i + 512] for i in range(0, len(body), 512))
+
+    def post(content: str) -> httpx.Response:
+        body = {"model": "fake-model", "prompt": content, "max_tokens": 2}
+        return httpx.post(url + "/v1/completions", content=chunks(json.dumps(body).encode()),
+                          headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
+
+    with fake_backed_governor(GOVERNOR_MAX_BODY_BYTES="2048") as url:
+        r = post("x" * 5000)
+        assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        assert post("x" * 1900).status_code == 200
 
 
 def test_an_idle_client_connection_outlives_common_client_pools() -> None:

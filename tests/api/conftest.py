@@ -83,5 +83,12 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
             await cleanup()
 
 
+async def chunked(body: bytes, size: int = 1024) -> AsyncIterator[bytes]:
+    """`body` as a stream of `size`-byte chunks: httpx sends it without Content-Length (chunked), so only the
+    server's count of the bytes as they arrive can bound it."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
 def chat_body(**extra: Any) -> dict[str, Any]:
     return {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.api.conftest import ADMIN, USER, GatewayFactory, chat_body
+from tests.api.conftest import ADMIN, USER, GatewayFactory, chat_body, chunked
 
 ROUTES = [
     ("GET", "/health", None), ("GET", "/ready", None), ("GET", "/metrics", None), ("GET", "/v1/models", None),
@@ -17,6 +17,7 @@ ROUTES = [
     ("POST", "/v1/completions", {"model": "fake-model", "prompt": "hi", "max_tokens": 2}),
     ("GET", "/admin/adapters", None),
 ]  # fmt: skip
+JSON = {"Content-Type": "application/json"}
 KEYS = {"none": None, "user": USER, "admin": ADMIN, "wrong": "nope"}
 # Documented statuses: /health and /ready open; /metrics open unless GOVERNOR_METRICS_AUTH; /v1 takes a
 # user or the admin key; /admin only the admin key (a user key is 403, no or a wrong key 401).
@@ -96,8 +97,18 @@ async def test_admission_bound_gives_429_not_a_hang(gateway: GatewayFactory) -> 
 
 async def test_body_too_large_is_413(gateway: GatewayFactory) -> None:
     gw = await gateway(max_body_bytes=2048)
-    r = await gw.client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "x" * 5000}]))
+    big = chat_body(messages=[{"role": "user", "content": "x" * 5000}])
+    r = await gw.client.post("/v1/chat/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    # No Content-Length to refuse up front: the bytes are counted as they arrive.
+    r = await gw.client.post("/v1/chat/completions", content=chunked(orjson.dumps(big)), headers=JSON)
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    # The same body just under the limit, chunked, is read whole.
+    fits = orjson.dumps(chat_body(messages=[{"role": "user", "content": "x" * 1900}]))
+    assert len(fits) <= 2048
+    r = await gw.client.post("/v1/chat/completions", content=chunked(fits, 100), headers=JSON)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from governor.engine.process import free_port
-from tests.api.conftest import ADMIN, USER, GatewayFactory, chat_body
+from tests.api.conftest import ADMIN, USER, GatewayFactory, chat_body, chunked
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -195,6 +195,8 @@ async def test_admin_refuses_before_reading_the_body(gateway: GatewayFactory) ->
         assert status == expected, body
     r = await on.client.post("/admin/adapters", content=b"x" * (65 * 1024), headers=bearer(ADMIN))
     assert r.status_code == 413
+    r = await on.client.post("/admin/adapters", content=chunked(b"x" * (65 * 1024)), headers=bearer(ADMIN))
+    assert "content-length" not in r.request.headers and r.status_code == 413  # counted as it arrives
     r = await on.client.post("/admin/adapters", json={"name": "a"}, headers=bearer(ADMIN))
     assert r.status_code == 400 and r.json()["error"]["param"] == "path"
 
