@@ -15,13 +15,13 @@ GOVERNOR_PORT ?= 8000
 export GOVERNOR_HOST GOVERNOR_PORT
 PYTEST_ARGS ?=
 
-.PHONY: serve test install model lint typecheck pytest contract-0.25 bench loadtest clean
+.PHONY: serve test install model browser lint typecheck pytest contract-0.25 bench loadtest clean
 
 serve: install model
 	@echo ">>> starting Governor on http://$(GOVERNOR_HOST):$(GOVERNOR_PORT) (engine warm-up follows)"
 	$(VENV)/bin/governor serve
 
-test: install model lint typecheck pytest contract-0.25
+test: install model browser lint typecheck pytest contract-0.25
 
 install: $(STAMP)
 
@@ -51,6 +51,16 @@ $(STAMP): pyproject.toml | $(PY)
 model: install
 	@$(VENV)/bin/governor model prepare
 
+# tests/ui drive the web page in the distribution's headless Chromium (selenium): installed here when missing,
+# never downloaded at test time. Uses apt as root (or passwordless sudo); elsewhere install the two packages yourself.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  echo ">>> installing chromium and chromium-driver (apt) for the web page's tests"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
+	    || { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }; \
+	fi
+
 lint: install
 	$(VENV)/bin/ruff check server tests loadtests
 	$(VENV)/bin/ruff format --check server tests loadtests
@@ -58,7 +68,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install model
+pytest: install model browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # The other end of the supported vLLM range (server/governor/engine/compat.py): the `vllm` wheel's Python

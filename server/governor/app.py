@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
 
-from governor.api import admin_routes, openai_routes, ops_routes
+from governor.api import admin_routes, openai_routes, ops_routes, ui_routes
 from governor.engine.pool import EnginePool
 from governor.errors import install_handlers
 from governor.metrics.engine import EngineScraper
@@ -23,6 +23,7 @@ from governor.quota import Quotas
 from governor.readiness import PROBE_REQUEST, Readiness
 from governor.serving import GenerationService
 from governor.settings import Settings
+from governor.ui.status import StatusReader
 
 log = logging.getLogger("governor")
 
@@ -88,6 +89,9 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         app.include_router(admin_routes.router)
     else:  # no admin key, no admin API: not even a body is read
         app.include_router(admin_routes.disabled)
+    if settings.ui:
+        app.state.ui_status = StatusReader(settings, pool, registry, metrics)
+        app.include_router(ui_routes.router)
     return app
 
 

@@ -134,6 +134,9 @@ class Settings(BaseSettings):
         "cannot time another's cached prefixes; prefixes are not shared across keys.",
     )
     docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json.")
+    ui: bool = Field(
+        True, description="Serve the web page at /ui (status, playground, eval); its calls need a /v1 key."
+    )
 
     # Auth
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -10,8 +10,8 @@ from starlette.requests import Request
 from governor.errors import InvalidRequest, PayloadTooLarge
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON object in the body: 413 past `limit` bytes (declared or sent), 400 if not a JSON object."""
+async def read_bytes(request: Request, limit: int) -> bytes:
+    """The body: 413 past `limit` bytes (declared or sent)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
@@ -21,8 +21,14 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object in the body: 413 past `limit` bytes (declared or sent), 400 if not a JSON object."""
+    raw = await read_bytes(request, limit)
     try:
-        data = orjson.loads(b"".join(chunks))
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):

@@ -114,11 +114,16 @@ def _verdict(text: str) -> dict[str, Any] | None:
 def read_answers(paths: list[Path]) -> list[Run]:
     """Runs back from `--answers` files (or their .gz), with each answer's prompt (and check) from the shipped set, so a
     run on another machine can be reported, re-judged or compared here."""
+    return parse_answers([(str(p), gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes())
+                          for p in paths])  # fmt: skip
+
+
+def parse_answers(files: list[tuple[str, bytes]]) -> list[Run]:
+    """`read_answers` for contents already read (and decompressed), each with the name its errors give."""
     prompts = {p["id"]: p for p in load_prompts()}
     runs: dict[tuple[str, float, int], Run] = {}
     seen: set[tuple[str, float, int, str]] = set()
-    for path in paths:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    for path, raw in files:
         for line in filter(None, raw.decode("utf-8").split("\n")):  # not splitlines: U+2028 in texts
             row = json.loads(line)
             key = (row["config"], float(row["temperature"]), int(row["seed"]))
