@@ -13,7 +13,7 @@ function colour(i) {
 function barChart(xs, value, onPick) {
   const groups = data.groups;
   const barW = Math.max(4, Math.min(18, Math.floor(120 / groups.length)));
-  const cluster = barW * groups.length + 16;
+  const cluster = Math.max(barW * groups.length + 16, 64);
   const left = 40, top = 10, height = 160;
   const width = left + cluster * xs.length + 10;
   const chart = svg("svg", { width, height: top + height + 40, viewBox: `0 0 ${width} ${top + height + 40}`, role: "img" });
