@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from governor.engine.flags import engine_command, engine_env
+from governor.engine.guard import GUARD_FLAGS
 from governor.engine.process import VllmProcess, private_socket_dir
 from governor.engine.vllm_fixes import FIXES_ENV
 from governor.settings import Settings
@@ -49,6 +50,19 @@ def test_engine_key_in_its_environment_only(tmp_path: Path) -> None:
     assert len(key) >= 32 and key != b.env["VLLM_API_KEY"]  # fresh per engine
     assert not any(key in part for part in a.command)
     assert a._auth == {"Authorization": f"Bearer {key}"}
+
+
+def test_an_engine_given_a_key_gets_the_guard_that_wants_it_everywhere(tmp_path: Path) -> None:
+    """VllmProcess adds vLLM's `--middleware` flag for Governor's guard (issue 28) where it sets the key, on
+    the socket and on a port alike; engine_command alone leaves it out: the benchmarks start a direct vLLM
+    from it with no key. An operator's own --middleware in ENGINE_ARGS stays."""
+    settings = Settings(engine_args="--middleware some.Other")
+    for uds, port in ((tmp_path / "s", 0), (None, 8123)):
+        cmd = engine_command(settings, "/m", "m", port, "cpu", uds=uds)
+        assert "governor.engine.guard.EngineKeyGuard" not in cmd
+        engine = VllmProcess("e0", list(cmd), {}, "m", tmp_path / "log", 10, 1, socket_path=uds, port=port)
+        assert engine.command == [*cmd, *GUARD_FLAGS]
+        assert "some.Other" in engine.command
 
 
 def test_private_socket_dir() -> None:

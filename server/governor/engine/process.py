@@ -2,7 +2,8 @@
 
 The engine listens on a Unix socket in a directory only Governor's user can enter, and wants a key
 that only Governor holds (VLLM_API_KEY in its environment: a command line is readable by everyone in
-/proc). It runs under governor.engine.watchdog, so it dies with Governor however Governor dies.
+/proc) on every route, not only on the prefixes vLLM guards itself (Governor's guard, engine/guard.py).
+It runs under governor.engine.watchdog, so it dies with Governor however Governor dies.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from governor.engine.base import EngineState
+from governor.engine.guard import GUARD_FLAGS, KEY_ENV
 from governor.engine.remote import HEALTH_FAILURES_DOWN, HEALTH_INTERVAL, RemoteEngine
 
 log = logging.getLogger("governor.engine")
@@ -108,8 +110,8 @@ class VllmProcess(RemoteEngine):
         api_key = secrets.token_urlsafe(32)
         super().__init__(name, f"http://127.0.0.1:{port}" if port else "http://engine", served_model,
                          api_key=api_key, socket_path=socket_path)  # fmt: skip
-        self.command = command
-        self.env = {**env, "VLLM_API_KEY": api_key}
+        self.command = [*command, *GUARD_FLAGS]  # the key, and the guard that wants it on every route
+        self.env = {**env, KEY_ENV: api_key}
         self.log_path = log_path
         self.start_timeout = start_timeout
         self.backoff_max = backoff_max
