@@ -128,9 +128,14 @@ def register_processors(bench_app: typer.Typer) -> None:
         threads: int = typer.Option(1, min=0, help="Synthetic: torch CPU threads (0: torch's default)."),
         scaling_only: bool = typer.Option(False, help="Synthetic: only the python_scaling shapes (seconds)."),
         scaling_reps: int = typer.Option(3, min=1, help="Synthetic: interleaved (8, 1024) pairs for python_scaling."),
+        churn: bool = typer.Option(False, help="Synthetic: replace requests as they finish (host_scaling, compare)."),
+        output_length: int = typer.Option(256, min=2, help="Churn: output tokens of each request."),
+        churn_lag: int = typer.Option(1, min=0, help="Churn: steps before a finished request's replacement arrives."),
+        churn_reps: int = typer.Option(5, min=1, help="Churn: interleaved repetitions of every measurement."),
     ) -> None:
         """Throughput with the anti-loop processors active / plain, and loaded-but-unused / absent;
-        --synthetic: per-step milliseconds and python_scaling without an engine."""
+        --synthetic: per-step milliseconds and python_scaling without an engine; --synthetic --churn: with
+        requests replaced at batch / output length per step, host_scaling and Governor vs separate processors."""
         from governor.settings import Settings
 
         settings = Settings(lora=lora, enforce_eager=eager)
@@ -140,6 +145,13 @@ def register_processors(bench_app: typer.Typer) -> None:
             from governor.bench import processors_synthetic as synth
 
             name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if churn:
+                from governor.bench import processors_churn
+
+                for line in processors_churn.run(settings, name, batch, prompt_tokens, output_tokens, output_length,
+                                                 churn_lag, steps, preset, threads, churn_reps):  # fmt: skip
+                    typer.echo(line)
+                return
             impl = "reference" if reference else ""
             lines = synth.run(settings, name, batch, prompt_tokens, output_tokens, steps, only, impl, threads,
                               scaling_only, scaling_reps)  # fmt: skip
