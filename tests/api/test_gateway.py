@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
 import pytest
 
 from tests.api.conftest import ADMIN, USER, GatewayFactory, chat_body, chunked
+from tests.api.test_request_path import wait_until
 
 ROUTES = [
     ("GET", "/health", None), ("GET", "/ready", None), ("GET", "/metrics", None), ("GET", "/v1/models", None),
@@ -78,9 +78,9 @@ async def test_token_quota(gateway: GatewayFactory) -> None:
 
 async def test_key_concurrency_limit(gateway: GatewayFactory) -> None:
     gw = await gateway(delay=0.05, api_keys=USER, key_concurrency=1)
-    slow = asyncio.create_task(gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=20),
+    slow = asyncio.create_task(gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=40),
                                               headers=headers(USER)))  # fmt: skip
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: gw.pool.outstanding() == 1, 10, "the first request at the engine")
     r = await gw.client.post("/v1/chat/completions", json=chat_body(), headers=headers(USER))
     assert r.status_code == 429 and r.json()["error"]["code"] == "key_concurrency_exceeded"
     assert (await slow).status_code == 200
@@ -88,8 +88,8 @@ async def test_key_concurrency_limit(gateway: GatewayFactory) -> None:
 
 async def test_admission_bound_gives_429_not_a_hang(gateway: GatewayFactory) -> None:
     gw = await gateway(delay=0.05, max_running=1, max_queued=0)
-    slow = asyncio.create_task(gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=20)))
-    await asyncio.sleep(0.1)
+    slow = asyncio.create_task(gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=40)))
+    await wait_until(lambda: gw.pool.outstanding() == 1, 10, "the first request at the engine")
     r = await gw.client.post("/v1/chat/completions", json=chat_body())
     assert r.status_code == 429 and "retry-after" in r.headers
     assert (await slow).status_code == 200
@@ -175,10 +175,8 @@ async def test_finished_streams_reuse_the_engine_connection_and_cut_ones_close_i
     assert len(set(gw.fake.peers)) <= 2, gw.fake.peers
     r = await gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=500, stream=True))
     assert '"stop_reason":"loop_detected"' in r.text
-    deadline = time.monotonic() + 5
-    while gw.fake.aborted < 1:  # the cut closed the connection: the engine stops generating
-        assert time.monotonic() < deadline, "the engine was not told to stop"
-        await asyncio.sleep(0.05)
+    # the cut closed the connection: the engine stops generating
+    await wait_until(lambda: gw.fake.aborted >= 1, 10, "the engine to be told to stop")
     await gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=4, stream=True))
     assert gw.fake.peers[-1] != gw.fake.peers[-2]  # the cut request's connection is gone
 

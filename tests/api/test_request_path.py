@@ -92,7 +92,7 @@ async def _disconnect_while_generating(gw: Any, body: dict[str, Any]) -> float:
         await wait_until(lambda: gw.fake.active >= 1, 10, "the engine to start generating")
         writer.close()
         await writer.wait_closed()
-        took = await wait_until(lambda: gw.fake.active == 0 and gw.fake.aborted >= 1, 2, "the engine abort")
+        took = await wait_until(lambda: gw.fake.active == 0 and gw.fake.aborted >= 1, 10, "the engine abort")
         metrics = (await gw.client.get("/metrics")).text
         assert requests_total(metrics, "499") == 1
         assert "governor_requests_in_flight 0.0" in metrics
@@ -103,7 +103,7 @@ async def _disconnect_while_generating(gw: Any, body: dict[str, Any]) -> float:
 async def test_non_streaming_disconnect_aborts_upstream(gateway: GatewayFactory) -> None:
     gw = await gateway(delay=0.05)  # 400 tokens at 20/s: 20 s unless the abort comes
     body = {"model": "fake-model", "prompt": "Count:", "max_tokens": 400}
-    assert await _disconnect_while_generating(gw, body) < 2
+    assert await _disconnect_while_generating(gw, body) < 10  # half the generation: it was aborted
 
 
 async def test_engine_budget_counts_sequences(gateway: GatewayFactory) -> None:
@@ -112,7 +112,7 @@ async def test_engine_budget_counts_sequences(gateway: GatewayFactory) -> None:
     r = await gw.client.post("/v1/completions", json=too_big)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     slow = asyncio.create_task(
-        gw.client.post("/v1/completions", json={**too_big, "prompt": ["a", "b"], "max_tokens": 20})
+        gw.client.post("/v1/completions", json={**too_big, "prompt": ["a", "b"], "max_tokens": 60})
     )
     await wait_until(lambda: gw.pool.outstanding() == 2, 5, "two sequences admitted")
     r = await gw.client.post("/v1/completions", json={**too_big, "prompt": ["a", "b"]})
@@ -134,7 +134,7 @@ async def test_request_sequence_cap_names_the_field(gateway: GatewayFactory) -> 
 
 async def test_address_concurrency_without_keys(gateway: GatewayFactory) -> None:
     gw = await gateway(delay=0.05, address_concurrency=1)
-    slow = asyncio.create_task(gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=20)))
+    slow = asyncio.create_task(gw.client.post("/v1/chat/completions", json=chat_body(max_tokens=60)))
     await wait_until(lambda: gw.pool.outstanding() == 1, 5, "the first request admitted")
     # a made-up key does not make a new client when no keys are configured
     r = await gw.client.post("/v1/chat/completions", json=chat_body(), headers=bearer("made-up"))
