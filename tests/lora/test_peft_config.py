@@ -100,7 +100,7 @@ def test_refused_fields_and_values(
     edit_config(factory.copy("good", root / "a"), **changes)
     started = time.perf_counter()
     err = refused(root, base_info)
-    assert time.perf_counter() - started < 2.0  # decided without running the pattern on a backtracking engine
+    assert time.perf_counter() - started < 10  # decided without running a pattern on a backtracking engine (minutes)
     assert isinstance(err, InvalidRequest) and err.status == 400
     assert reason in err.message and next(iter(changes)) in err.message, err.message
     # Refused without a known base too: these checks need no module list.

@@ -379,7 +379,7 @@ def test_catastrophic_regex_is_answered_at_once(
     edit_config(folder, target_modules=pattern)
     started = time.perf_counter()
     err = refused(validator(root, base_info), "a", "a")
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10  # generous: Python's re would take minutes
     assert err.param == "target_modules" and "backtrack" in err.message
 
 
