@@ -66,6 +66,13 @@ class Live:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Name the order the tests ran in, also under -q (which hides pytest-randomly's header line)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if config.pluginmanager.hasplugin("randomly") and isinstance(seed, int):
+        terminalreporter.write_line(f"random test order (pytest-randomly): rerun it with --randomly-seed={seed}")
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     """Poll until predicate() is truthy; fail at the deadline (no fixed sleeps in tests)."""
     deadline = time.monotonic() + timeout
