@@ -61,6 +61,7 @@ async function stream(side, request, signal) {
   const started = performance.now();
   let first = null;
   let pieces = 0;
+  let failed = false; // an error event ended the stream
   const response = await api(request.path, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   });
@@ -86,7 +87,8 @@ async function stream(side, request, signal) {
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         if (chunk.error) {
-          output.append(el("span", { class: "error", text: `error: ${chunk.error.message}` }));
+          failed = true;
+          output.append(el("span", { class: "error", text: `\nerror: ${chunk.error.message}` }));
           continue;
         }
         if (chunk.usage) s.tokens = chunk.usage.completion_tokens;
@@ -113,7 +115,7 @@ async function stream(side, request, signal) {
   if (s.stop === "loop_detected") output.append(el("mark", { class: "cut", title: "the loop cut fired here", text: "✂ loop cut" }));
   column.dataset.stopReason = String(s.stop ?? "");
   column.dataset.finishReason = String(s.finish ?? "");
-  column.dataset.state = "done";
+  column.dataset.state = failed ? "error" : "done";
   stats(column, s);
 }
 
