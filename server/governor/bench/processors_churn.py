@@ -30,6 +30,7 @@ steady steps (``processors_synthetic.step_ms``) and churn steps, median of inter
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import statistics
 import time
@@ -183,23 +184,23 @@ class KernelClock(TorchDispatchMode):
 
 def clock_overhead(loops: int = 2000, tries: int = 5) -> float:
     """Seconds per op the clock itself adds outside its timer (Python dispatch in and out), measured
-    on a trivial op: the median over ``tries`` of (time under the clock - time inside the op) - time
-    without the clock. ``churn_steps`` takes it off every op, leaving the op's own host cost."""
+    on a trivial op: the least time per op under the clock minus inside the op, minus the least time
+    per op without the clock (the least of ``tries``: the run a shared CPU disturbed least).
+    ``churn_steps`` takes it off every op, leaving the op's own host cost."""
     tensor = torch.zeros(8)
-    found = []
+    plain, clocked = [], []
     for _ in range(tries):
         start = time.perf_counter()
         for _ in range(loops):
             tensor.add_(1)
-        plain = time.perf_counter() - start
+        plain.append(time.perf_counter() - start)
         clock = KernelClock()
         with clock:
             start = time.perf_counter()
             for _ in range(loops):
                 tensor.add_(1)
-            timed = time.perf_counter() - start
-        found.append((timed - clock.seconds - plain) / loops)
-    return max(0.0, statistics.median(found))
+            clocked.append(time.perf_counter() - start - clock.seconds)
+    return max(0.0, (min(clocked) - min(plain)) / loops)
 
 
 @dataclass(frozen=True)
@@ -240,32 +241,36 @@ def churn_steps(classes: Sequence[type], xargs: dict[str, object], shape: Shape,
     update: BatchUpdate | None = batch.start()
     base = torch.randn(shape.batch + 1, shape.vocab, generator=torch.Generator().manual_seed(seed)).to(device)
     clock = KernelClock()
-    steady: list[float] = []
-    change: list[float] = []
+    times: dict[bool, list[float]] = {False: [], True: []}  # by "the batch changed"
     moves = 0
-    for index in range(warmup + steps):
-        if index == warmup:
-            moves = batch.moves
-        if index:
-            update = batch.step()
-        logits = base[: batch.count].clone()
-        _sync(device)
-        kernels, ops = clock.seconds, clock.ops
-        if overhead is not None:
-            clock.__enter__()
-        start = time.perf_counter()
-        for processor in processors:
-            processor.update_state(update)
-            logits = processor.apply(logits)
-        _sync(device)
-        took = time.perf_counter() - start
-        if overhead is not None:
-            clock.__exit__(None, None, None)
-            took = max(0.0, took - (clock.seconds - kernels) - (clock.ops - ops) * overhead)
-        if index >= warmup:
-            (steady if update is None else change).append(took)
-        batch.sample()
-    return Steps(steady, change, batch.moves - moves)
+    gc.collect()
+    gc.disable()  # as timeit does: a collection walking the drawn text would land in some step
+    try:
+        for index in range(warmup + steps):
+            if index == warmup:
+                moves = batch.moves
+            if index:
+                update = batch.step()
+            logits = base[: batch.count].clone()
+            _sync(device)
+            kernels, ops = clock.seconds, clock.ops
+            if overhead is not None:
+                clock.__enter__()
+            start = time.perf_counter()
+            for processor in processors:
+                processor.update_state(update)
+                logits = processor.apply(logits)
+            _sync(device)
+            took = time.perf_counter() - start
+            if overhead is not None:
+                clock.__exit__(None, None, None)
+                took = max(0.0, took - (clock.seconds - kernels) - (clock.ops - ops) * overhead)
+            if index >= warmup:
+                times[update is not None].append(took)
+            batch.sample()
+    finally:
+        gc.enable()
+    return Steps(times[False], times[True], batch.moves - moves)
 
 
 def _sync(device: torch.device) -> None:
