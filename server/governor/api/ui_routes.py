@@ -59,7 +59,7 @@ def _static(name: str) -> Response:
     media_type = STATIC.get(name)
     if media_type is None:
         raise NotFound(f"No such file: /ui/{name}.", code="not_found")
-    body = resources.files("governor.ui").joinpath("static", name).read_bytes()
+    body = resources.files("governor.ui").joinpath("static").joinpath(name).read_bytes()
     return Response(body, media_type=media_type, headers=HEADERS)
 
 
