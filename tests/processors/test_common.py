@@ -175,8 +175,11 @@ def test_vllm_loads_the_processors_by_the_names_the_engine_flags_use() -> None:
     from vllm.v1.sample.logits_processor import _load_custom_logitsprocs, validate_logits_processors_parameters
 
     from governor.engine.flags import PROCESSORS as FQCNS
+    from governor.engine.flags import SEPARATE_PROCESSORS
+    from governor.processors.governor import GovernorLogitsProcessor
 
-    assert _load_custom_logitsprocs(tuple(FQCNS)) == PROCESSORS
+    assert _load_custom_logitsprocs(tuple(FQCNS)) == [GovernorLogitsProcessor]
+    assert _load_custom_logitsprocs(tuple(SEPARATE_PROCESSORS)) == PROCESSORS
     validate_logits_processors_parameters(tuple(FQCNS), SamplingParams(extra_args=VALID))
     # 0.32 wraps the processor's ValueError in VLLMValidationError, 0.25 passes it on; both answer 400.
     with pytest.raises((VLLMValidationError, ValueError), match="gov_rep_scope"):

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vllm import SamplingParams
 
-from governor.engine.flags import PROCESSORS
+from governor.engine.flags import PROCESSORS as ENGINE_PROCESSORS
+from governor.engine.flags import SEPARATE_PROCESSORS
 from governor.processors.dry import DRYLogitsProcessor
 from governor.processors.extra_args import encode_ids
 from governor.processors.governor import GovernorLogitsProcessor
@@ -35,9 +36,11 @@ from .test_window_penalty import penalty_reference
 CHAIN = [DRYLogitsProcessor, NoRepeatNGramLogitsProcessor, WindowedRepetitionPenaltyLogitsProcessor]
 
 
-def test_chain_is_the_order_vllm_applies() -> None:
+def test_chain_is_the_reference_the_engine_flags_name() -> None:
+    """The Governor processor is what engines load; the chain it must equal is SEPARATE_PROCESSORS, in order."""
     names = [f"{cls.__module__}:{cls.__name__}" for cls in CHAIN]
-    assert names == PROCESSORS
+    assert names == SEPARATE_PROCESSORS
+    assert [f"{GovernorLogitsProcessor.__module__}:{GovernorLogitsProcessor.__name__}"] == ENGINE_PROCESSORS
 
 
 class AgainstChain:
