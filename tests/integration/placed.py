@@ -4,6 +4,7 @@ names made unique per call, folders dropped into the watched root or copied unde
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from pathlib import Path
@@ -37,14 +38,14 @@ class Placed:
 
     def drop(self, source: Path, name: str) -> str:
         """Copy an adapter folder into the watched root as `name`; the watcher loads it."""
+        self.dropped.append(name)  # recorded first: a half-copied folder is removed too
         shutil.copytree(source, self.live.adapters_dir / name)
-        self.dropped.append(name)
         return name
 
     def hide(self, source: Path, name: str) -> str:
         """Copy an adapter folder under `.api/` as `name`; returns the admin path."""
-        shutil.copytree(source, self.live.adapters_dir / ".api" / name)
         self.hidden.append(name)
+        shutil.copytree(source, self.live.adapters_dir / ".api" / name)
         return f".api/{name}"
 
     def load(self, source: Path, name: str) -> httpx.Response:
@@ -54,7 +55,8 @@ class Placed:
     def remove(self) -> None:
         """Unload what the admin API loaded, delete every folder placed, and wait until none is listed."""
         for name in self.hidden:
-            httpx.delete(f"{self.live.url}/admin/adapters/{name}", headers=self.live.admin(), timeout=120)
+            with contextlib.suppress(httpx.HTTPError):  # one failed unload must not leave the rest behind
+                httpx.delete(f"{self.live.url}/admin/adapters/{name}", headers=self.live.admin(), timeout=120)
             path = self.live.adapters_dir / ".api" / name
             if path.is_symlink():
                 path.unlink()
