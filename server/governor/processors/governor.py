@@ -10,11 +10,15 @@ per-control processors (``dry``, ``ngram``, ``window_penalty``) applied in the o
 - rows kept in batch order on the device (moves copy rows), so a step reads slices, and vLLM's
   changes recorded as they come (``batch_rows``), never re-sorted;
 - one host-to-device copy per step from buffers allocated once (``uploads``);
-- no device-to-host reads: every width and branch is known on the host.
+- no device-to-host reads: every width and branch is known on the host;
+- on CUDA, one fused Triton kernel launch per step (``fused_step``, ``fused_kernel``): it writes the
+  uploaded cells, updates the match state and lowers the logits, as the torch ops below do; a
+  second launch only on steps that move rows or bring new configs. The torch path serves CPU engines.
 
 A steady step (every row gained one token) is a few C-level passes over vLLM's output lists, a
-dozen numpy calls and, for ``balanced``, 12 tensor ops whatever the batch size; a step where the
-batch changed adds a fixed handful (``change_upload``) plus Python work per row changed.
+dozen numpy calls and, for ``balanced``, 12 tensor ops (on CUDA one kernel) whatever the batch size;
+a step where the batch changed adds a fixed handful (``change_upload``) plus Python work per row
+changed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from governor.processors.batch_rows import BatchRows, Request
 from governor.processors.change_upload import send_change
 from governor.processors.dry import MAX_MATCH_LENGTH
 from governor.processors.extra_args import parse_dry, parse_ngram, parse_rep_penalty
+from governor.processors.fused_step import FusedSteps
 from governor.processors.request_configs import RequestConfigs
 from governor.processors.shared_history import WRITTEN, SharedHistory, Widths
 from governor.processors.slots import limits_of
@@ -65,6 +70,10 @@ class GovernorLogitsProcessor(LogitsProcessor):
         self._extent = 0  # the same for what the device holds: the columns a realignment keeps
         self._table_configs = 0  # configs the device tables have room for
         self._widths = Widths()
+        # The fused kernels on CUDA (compiled here, at engine start; vLLM hands float32 logits).
+        self.fused = FusedSteps(self.device) if self.device.type == "cuda" else None
+        if self.fused is not None:
+            self.fused.warm_up(torch.float32)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -100,7 +109,10 @@ class GovernorLogitsProcessor(LogitsProcessor):
             return logits
         if not self._steady_step(logits.dtype):
             self._change_step(logits.dtype)
-        self.history.penalize(logits, self.batch.count, self._widths)
+        if self.fused is not None:
+            self.fused.apply(logits, self.history, self.batch.count, self._widths)
+        else:
+            self.history.penalize(logits, self.batch.count, self._widths)
         return logits
 
     # ---- steps ------------------------------------------------------------------------------------
@@ -126,13 +138,17 @@ class GovernorLogitsProcessor(LogitsProcessor):
         column = self.uploads.host(WRITTEN * n).reshape(WRITTEN, n)
         self.configs.encode(np.array(newest, dtype=np.int64), batch.config[:n], None, column)
         history.now += 1
-        self.uploads.copy_to(history.newest_column(n))
+        if self.fused is not None:
+            self.fused.steady(self.uploads.stage(WRITTEN * n), n)
+        else:
+            self.uploads.copy_to(history.newest_column(n))
         batch.consumed, batch.last, batch.expect = lengths, newest, list(map(add, lengths, batch.grows))
         batch.starting = 0
         self.longest += 1
         self._extent = self.longest
         self._widths = self._current_widths()
-        history.advance(n, self._widths)
+        if self.fused is None:
+            history.advance(n, self._widths)
         return True
 
     def _change_step(self, dtype: torch.dtype) -> None:
@@ -163,7 +179,8 @@ class GovernorLogitsProcessor(LogitsProcessor):
             configs.dirty.update(configs.by_index)
         tables = sorted(configs.dirty)
         configs.dirty.clear()
-        send_change(history, self.uploads, configs, batch, step, moves, blanks, tables, widths, looks)
+        send = send_change if self.fused is None else self.fused.change
+        send(history, self.uploads, configs, batch, step, moves, blanks, tables, widths, looks)
         self._extent = self.longest
 
     # ---- host-known sizes ---------------------------------------------------------------------------
