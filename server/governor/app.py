@@ -90,8 +90,8 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     else:  # no admin key, no admin API: not even a body is read
         app.include_router(admin_routes.disabled)
     if settings.ui:
-        app.state.ui_status = StatusReader(settings, pool, registry, metrics)
-        app.include_router(ui_routes.router)
+        app.state.ui_status = StatusReader(settings, pool, registry, metrics, gpu)
+        app.include_router(ui_routes.build_router())
     return app
 
 

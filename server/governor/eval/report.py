@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
 from governor.eval.loops import CATEGORIES, CHECKED, Answer, Metrics, Run, load_prompts, metrics
 
 
@@ -118,23 +120,55 @@ def read_answers(paths: list[Path]) -> list[Run]:
                           for p in paths])  # fmt: skip
 
 
+class AnswerRow(BaseModel):
+    """One line of an `--answers` file as `write_answers` writes it; extra fields (its verdicts) are re-derived."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    config: StrictStr
+    temperature: float = Field(ge=0)
+    seed: int = Field(ge=0, lt=2**63)
+    id: StrictStr
+    finish: StrictStr | None
+    stop_reason: StrictStr | StrictInt | None  # vLLM's: a stop string, a stop token id, or none
+    tokens: int = Field(ge=0, lt=2**63)
+    error: StrictStr | None
+    text: StrictStr
+
+
 def parse_answers(files: list[tuple[str, bytes]]) -> list[Run]:
-    """`read_answers` for contents already read (and decompressed), each with the name its errors give."""
+    """`read_answers` for contents already read (and decompressed), each with the name its errors give.
+
+    Every row is validated before it is used: a file from elsewhere (the web page takes uploads) with a
+    null text or a NaN temperature is a ValueError naming its line, never a crash further on."""
     prompts = {p["id"]: p for p in load_prompts()}
     runs: dict[tuple[str, float, int], Run] = {}
     seen: set[tuple[str, float, int, str]] = set()
     for path, raw in files:
-        for line in filter(None, raw.decode("utf-8").split("\n")):  # not splitlines: U+2028 in texts
-            row = json.loads(line)
-            key = (row["config"], float(row["temperature"]), int(row["seed"]))
-            if (*key, row["id"]) in seen:  # counted twice in the tables, once when paired: refuse instead
-                raise ValueError(f"{path}: {row['config']} t={key[1]:g} seed={key[2]} answers {row['id']} a second "
-                                 "time (the same run in two files?)")  # fmt: skip
-            seen.add((*key, row["id"]))
+        for number, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 in texts
+            if not line:
+                continue
+            try:
+                row = AnswerRow.model_validate_json(line)
+            except ValidationError as exc:
+                raise ValueError(f"{path}:{number}: not an answers row: {_first_error(exc)}") from None
+            if row.id not in prompts:
+                raise ValueError(f"{path}:{number}: unknown prompt id {row.id!r}")
+            key = (row.config, row.temperature, row.seed)
+            if (*key, row.id) in seen:  # counted twice in the tables, once when paired: refuse instead
+                raise ValueError(f"{path}: {row.config} t={row.temperature:g} seed={row.seed} answers {row.id} a "
+                                 "second time (the same run in two files?)")  # fmt: skip
+            seen.add((*key, row.id))
             run = runs.setdefault(key, Run(*key))
-            run.answers.append(Answer(prompts[row["id"]], row["text"], row["finish"], row["stop_reason"],
-                                      int(row["tokens"]), row["error"]))  # fmt: skip
+            run.answers.append(Answer(prompts[row.id], row.text, row.finish, row.stop_reason, row.tokens, row.error))
     return list(runs.values())
+
+
+def _first_error(exc: ValidationError) -> str:
+    """The first problem, short: the field and pydantic's message (a long text's value is not echoed back)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "line"
+    return f"{where}: {first['msg']}"
 
 
 def common_part(runs: list[Run]) -> tuple[list[Run], set[str]]:

@@ -163,6 +163,17 @@ class GpuCollector(Collector):
         """Completed reading rounds since construction (lets tests wait for a reading, not a time)."""
         return self._rounds
 
+    def readings_up(self) -> list[GpuReading]:
+        """The last reading of each GPU that is up (read, and recent), as /metrics shows them; empty while
+        NVML is unavailable. For the status page: it reads this without rendering every family."""
+        self.start()
+        now = self._clock()
+        with self._lock:
+            last = self._round
+        if last is None or not last.nvml_ok:
+            return []
+        return [r for r in last.readings if r.up and now - r.at <= self.stale_after]
+
     def describe(self) -> Iterator[Metric]:
         """Declare every family without touching NVML (called at registration)."""
         yield from _new_families().values()

@@ -22,8 +22,10 @@ from governor.eval.judge import judge
 from governor.eval.loops import CATEGORIES, CHECKED, Answer, Run, metrics
 from governor.eval.report import parse_answers
 
-MAX_FILE_BYTES = 64 * 1024 * 1024  # as sent (a full eval's answers are a few MB, gzip a third of that)
-MAX_TEXT_BYTES = 256 * 1024 * 1024  # once decompressed: a small gzip must not inflate without bound
+# A full eval's answers are a few MB (gzip a third of that): 32 MB as sent and once inflated leaves room
+# many times over, while one judging's peak (the text, its rows, the JSON reply) stays a few hundred MB.
+MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_TEXT_BYTES = 32 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -37,25 +39,39 @@ class _Judged(Answer):
 
 
 def decompress(raw: bytes) -> bytes:
-    """The file's text: gunzipped when it starts as gzip does (a name says nothing here), bounded."""
+    """The file's text: gunzipped when it starts as gzip does (a name says nothing here), bounded.
+
+    Several gzip members (what `cat a.gz b.gz` makes, and gzip.decompress reads) are read one after another;
+    a member cut short, or bytes after the last that are not another member, are refused: a truncated
+    upload judged as if whole would give wrong numbers without a word."""
     if not raw.startswith(GZIP_MAGIC):
         return raw
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        text = inflater.decompress(raw, MAX_TEXT_BYTES)
-    except zlib.error as exc:
-        raise InvalidRequest(f"The file is not valid gzip: {exc}", code="invalid_answers") from exc
-    if inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"The answers file inflates past {MAX_TEXT_BYTES} bytes.")
-    return text
+    parts: list[bytes] = []
+    size, rest = 0, raw
+    while rest:
+        if not rest.startswith(GZIP_MAGIC):
+            raise InvalidRequest("The file has bytes after its gzip data.", code="invalid_answers")
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = inflater.decompress(rest, MAX_TEXT_BYTES - size + 1)
+        except zlib.error as exc:
+            raise InvalidRequest(f"The file is not valid gzip: {exc}", code="invalid_answers") from exc
+        size += len(part)
+        if size > MAX_TEXT_BYTES:
+            raise PayloadTooLarge(f"The answers file inflates past {MAX_TEXT_BYTES} bytes.")
+        if not inflater.eof:
+            raise InvalidRequest("The gzip file is cut short (truncated upload?).", code="invalid_answers")
+        parts.append(part)
+        rest = inflater.unused_data
+    return b"".join(parts)
 
 
 def report(raw: bytes, name: str = "answers") -> dict[str, Any]:
     """Summary per config and temperature, counts per category, and every answer, from one answers file."""
     try:
         runs = parse_answers([(name, decompress(raw))])
-    except (ValueError, KeyError, TypeError) as exc:  # a malformed line, an unknown prompt id, a run twice
-        raise InvalidRequest(f"Not a `governor eval loops --answers` file: {exc!r}", code="invalid_answers") from exc
+    except ValueError as exc:  # a malformed row, an unknown prompt id, a run twice, text not UTF-8
+        raise InvalidRequest(f"Not a `governor eval loops --answers` file: {exc}", code="invalid_answers") from exc
     runs = [dataclasses.replace(r, answers=[_judged(a) for a in r.answers]) for r in runs]
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
@@ -114,7 +130,7 @@ def _answer(group: int, seed: int, a: Answer) -> dict[str, Any]:
         "split": prompt["split"],
         "prompt": asked,
         "finish": a.finish,
-        "stop_reason": a.stop_reason if isinstance(a.stop_reason, str | int | None) else str(a.stop_reason),
+        "stop_reason": a.stop_reason,
         "tokens": a.tokens,
         "loops": None if a.error or prompt["category"] == "repeat" else a.loops,
         "correct": a.correct if "check" in prompt and not a.error else None,
