@@ -100,22 +100,31 @@ function open(a) {
 async function load(file) {
   const note = document.getElementById("ev-note");
   note.textContent = `judging ${file.name} …`;
-  const response = await api("/ui/api/eval", {
-    method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: await file.arrayBuffer(),
-  });
-  if (!response.ok) {
-    note.textContent = `${file.name}: ${await errorText(response)}`;
-    return;
+  try {
+    const response = await api("/ui/api/eval", {
+      method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: await file.arrayBuffer(),
+    });
+    if (!response.ok) {
+      note.textContent = `${file.name}: ${await errorText(response)}`;
+      return;
+    }
+    data = await response.json();
+    note.textContent = `${file.name}: ${data.answers.length} answers, ${data.groups.length} configs`;
+    render();
+    document.body.dataset.evalLoaded = "1";
+  } catch (error) {
+    // a network failure, a file that cannot be read, a reply that is not the expected JSON: said, not left "judging"
+    note.textContent = `${file.name}: ${error}`;
   }
-  data = await response.json();
-  note.textContent = `${file.name}: ${data.answers.length} answers, ${data.groups.length} configs`;
-  render();
-  document.body.dataset.evalLoaded = "1";
 }
 
 export function startEval() {
   document.getElementById("ev-file").addEventListener("change", (event) => {
-    if (event.target.files.length) load(event.target.files[0]);
+    const input = event.target;
+    if (!input.files.length) return;
+    const file = input.files[0];
+    input.value = ""; // the same file chosen again (after fixing it) fires another change
+    load(file);
   });
   for (const id of ["ev-config", "ev-category", "ev-only-loops"]) document.getElementById(id).addEventListener("change", list);
 }

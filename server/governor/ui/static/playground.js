@@ -25,6 +25,11 @@ function requestOf(side) {
   let extra = {};
   const raw = fieldset.querySelector(".extra").value.trim();
   if (raw) extra = JSON.parse(raw);
+  // Plain objects only: an array, string or number would be spread into the body as nonsense fields.
+  if (extra === null || typeof extra !== "object" || Array.isArray(extra)) {
+    const kind = extra === null ? "null" : Array.isArray(extra) ? "an array" : `a ${typeof extra}`;
+    throw new TypeError(`side ${side.toUpperCase()}: got ${kind}`);
+  }
   const body = {
     model: fieldset.querySelector(".model").value,
     max_tokens: Number(document.getElementById("pg-max").value),

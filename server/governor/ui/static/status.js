@@ -20,7 +20,9 @@ function render(s) {
     e.name, e.state, e.kind, String(e.restarts), e.version || "?", e.runner || "?", String(e.outstanding),
   ]));
   const adapters = s.adapters.map((a) => [
-    a.name, a.state, a.tier, a.pinned ? "yes" : "no", ago(a.last_used), String(a.requests), String(a.in_flight ?? 0),
+    a.name, a.state, a.tier, a.pinned ? "yes" : "no",
+    // usage is sent to the admin key only
+    "last_used" in a ? ago(a.last_used) : "–", "requests" in a ? String(a.requests) : "–", String(a.in_flight ?? 0),
     a.reason || "",
   ]);
   if (!adapters.length) adapters.push([s.lora ? "no adapters registered" : "LoRA is off", "", "", "", "", "", "", ""]);
