@@ -61,6 +61,12 @@ class Live:
         command = psutil.Process(pid).cmdline()
         return Path(command[command.index("--uds") + 1])
 
+    def engine_headers(self) -> dict[str, str]:
+        """The key the (single) engine wants on every route (engine/guard.py), read from its environment
+        as only Governor's user can."""
+        (pid,) = self.engine_pids()
+        return {"Authorization": f"Bearer {psutil.Process(pid).environ()['VLLM_API_KEY']}"}
+
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])

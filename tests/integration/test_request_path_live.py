@@ -29,7 +29,8 @@ def test_non_streaming_disconnect_aborts_within_2s(live: Live, preset: str) -> N
     raw = orjson.dumps(body)
     host, port = live.url.removeprefix("http://").split(":")
     # vLLM's own gauge, read straight from its socket every 50 ms; a reading counts from when it arrived.
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(live.engine_socket())), timeout=10) as engine:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(live.engine_socket())), headers=live.engine_headers(),
+                      timeout=10) as engine:  # fmt: skip
 
         def running() -> tuple[float, float]:
             text = engine.get("http://engine/metrics").text
