@@ -32,7 +32,16 @@ from governor.processors.launches import Launcher
 
 from .harness import BatchSim, long_outputs, make_processor, next_token, random_session
 from .test_governor import CHAIN, PRESET_LIKE, chained_rule, mixed_args
-from .test_governor_costs import VOCAB, AtenOps, Load, Syncs, _clear_of_realignment, _host_buffers, balanced_args
+from .test_governor_costs import (
+    VOCAB,
+    AtenOps,
+    Load,
+    Syncs,
+    _clear_of_realignment,
+    _host_buffers,
+    balanced_args,
+    up_to_a_realignment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DONE = "interpreted checks passed:"
@@ -237,20 +246,7 @@ def _fused_costs(rows: int) -> dict[str, dict[str, Any]]:
     load.requests[rows - 1] = load.sim.add(rows - 1, load.args, load._prompt(rows - 1))
     load.steady()
     load.apply()
-    # As test_governor_costs does: every request replaced (histories stop growing), then steady steps
-    # until the history is full and moves back left.
-    load.change(rows // 2)
-    load.apply()
-    for index in range(1, rows, 2):
-        load.sim.remove(index)
-        load.requests[index] = load.sim.add(index, load.args, load._prompt(index))
-    load.steady()
-    load.apply()
-    history = load.processor.history
-    while history.now + 1 < history.columns:
-        load.steady()
-        load.apply()
-    load.steady()
+    up_to_a_realignment(load, rows)
     result["realign"] = _measure(load, launcher, None)
     return result
 

@@ -166,6 +166,24 @@ def _clear_of_realignment(load: Load) -> None:
         load.apply()
 
 
+def up_to_a_realignment(load: Load, rows: int) -> None:
+    """Every request replaced (histories stop growing, so the next realignment moves the history back
+    left without growing it: the ones while histories still grow are warm-up, like buffer growth), then
+    steady steps until the next apply realigns."""
+    load.change(rows // 2)
+    load.apply()
+    for index in range(1, rows, 2):
+        load.sim.remove(index)
+        load.requests[index] = load.sim.add(index, load.args, load._prompt(index))
+    load.steady()
+    load.apply()
+    history = load.processor.history
+    while history.now + 1 < history.columns:
+        load.steady()
+        load.apply()
+    load.steady()
+
+
 def _measure(load: Load, step: Callable[[], None]) -> dict[str, Any]:
     """One step under the op and sync modes, then the same kind of step again counting Python calls."""
     _clear_of_realignment(load)
@@ -193,20 +211,7 @@ def _costs(cls: type, rows: int, finished: tuple[int, ...]) -> dict[str, dict[st
         result[f"change {count}"] = _measure(load, lambda count=count: load.change(count))
         load.steady()
         load.apply()
-    # Every request replaced: histories stop growing, so the next realignment moves the history back
-    # left without growing it (the ones while histories still grow are warm-up, like buffer growth).
-    load.change(rows // 2)
-    load.apply()
-    for index in range(1, rows, 2):
-        load.sim.remove(index)
-        load.requests[index] = load.sim.add(index, load.args, load._prompt(index))
-    load.steady()
-    load.apply()
-    history = load.processor.history
-    while history.now + 1 < history.columns:
-        load.steady()
-        load.apply()
-    load.steady()
+    up_to_a_realignment(load, rows)
     with Syncs() as syncs, AtenOps(_host_buffers(load.processor)) as ops:
         load.apply()  # the history is full: moved back left
     result["realign"] = {"ops": ops.names, "uploads": ops.uploads, "pins": syncs.pins, "syncs": syncs.syncs,
