@@ -1,7 +1,7 @@
 """Issue 28's repros, run by hand against a live `governor serve`: each prints what came back and whether
 it is the intended refusal. Start the server with keys, a token quota and a scratch adapters root, e.g.
 
-    GOVERNOR_API_KEYS_FILE=keys GOVERNOR_ADMIN_KEY_FILE=admin GOVERNOR_KEY_TPM=1500 \
+    GOVERNOR_API_KEYS_FILE=keys GOVERNOR_ADMIN_KEY_FILE=admin GOVERNOR_KEY_TPM=300 \
     GOVERNOR_ADAPTERS_DIR=/tmp/repro-adapters governor serve --port 8011
 
 then `python loadtests/hardening_repros.py --url http://127.0.0.1:8011 --api-key K --admin-key A
@@ -47,14 +47,16 @@ def make_adapter(root: Path, name: str, edit: Callable[[dict], object] | None = 
     return dest
 
 
-def quota_hangups(gw: httpx.Client, model: str, rounds: int = 25, read: int = 90) -> None:
-    """Finding 1: stream with preset off, read `read` of 100 events, hang up; with GOVERNOR_KEY_TPM=1500
-    the key must get a 429 within 25 hang-ups (at ~17 if every relayed token is charged)."""
-    relayed = 0
+def quota_hangups(gw: httpx.Client, model: str, max_tokens: int = 250, rounds: int = 20) -> None:
+    """Finding 1: stream with preset off, read 90% of `max_tokens` events, hang up, repeat. The key's
+    GOVERNOR_KEY_TPM must be a little above `max_tokens` (300 for 250) and refill slower than the engine
+    streams (a token bucket refills at TPM / 60 per second): then a charge for what was relayed leaves too
+    little for the next request (429), while a refunded hang-up leaves the bucket nearly full."""
+    relayed, read, started = 0, max_tokens * 9 // 10, time.monotonic()
     body = {
         "model": model,
         "prompt": "Count: 1 2 3",
-        "max_tokens": 100,
+        "max_tokens": max_tokens,
         "ignore_eos": True,
         "stream": True,
         "decoding_preset": "off",
@@ -62,7 +64,8 @@ def quota_hangups(gw: httpx.Client, model: str, rounds: int = 25, read: int = 90
     for i in range(rounds):
         with gw.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code == 429:
-                check("1 quota after hang-ups", True, f"429 after {i} hang-ups, {relayed} tokens relayed")
+                seen = f"429 after {i} hang-ups, {relayed} tokens relayed in {time.monotonic() - started:.0f} s"
+                check("1 quota after hang-ups", i > 0, seen)
                 return
             events = 0
             for line in r.iter_lines():
