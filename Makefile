@@ -90,7 +90,7 @@ $(CONTRACT_DIR)/.unpacked: | $(STAMP)
 
 contract-0.25: $(CONTRACT_DIR)/.unpacked model
 	GOVERNOR_CONTRACT_VLLM=$(CONTRACT_VLLM) PYTHONPATH=$(CONTRACT_DIR)$${PYTHONPATH:+:$$PYTHONPATH} \
-	  $(PY) -m pytest -q -ra -p no:cacheprovider -m 'not engine' tests/contract tests/processors
+	  $(PY) -m pytest -q -ra -p no:cacheprovider -m 'not engine and not interpreter' tests/contract tests/processors
 
 bench: install model
 	$(VENV)/bin/governor bench gateway

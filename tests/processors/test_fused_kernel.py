@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from governor.processors.extra_args import encode_ids
@@ -188,6 +189,7 @@ def interpreted_checks() -> None:
     print(DONE, len(results))
 
 
+@pytest.mark.interpreter
 def test_fused_kernel_equals_the_references_under_the_interpreter() -> None:
     code = "from tests.processors.test_fused_kernel import interpreted_checks; interpreted_checks()"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
