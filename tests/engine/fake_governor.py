@@ -56,4 +56,7 @@ async def main(pids_file: str, record: str) -> None:
 
 
 if __name__ == "__main__":
+    # SIGINT stops it, as it stops Governor (uvicorn installs its own handler), even when started from a
+    # shell's background job, whose children inherit SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     asyncio.run(main(sys.argv[1], sys.argv[2]))
