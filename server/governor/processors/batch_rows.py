@@ -13,7 +13,10 @@ and the rows that did not simply gain one token (found with numpy, handled one b
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from itertools import compress
+from operator import add, itemgetter, ne
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +28,9 @@ from governor.processors.request_configs import RequestConfig, RequestConfigs
 # tokens long (and expected so: it does not grow), the last one settled and equal to the one before.
 _IDLE_OUTPUT = [0, 0]
 _IDLE_CONSUMED, _IDLE_LAST = 2, 0
+_LAST = itemgetter(-1)
+_BEFORE_LAST = itemgetter(-2)
+_NEGATIVE = (0).__gt__
 
 
 @dataclass(slots=True)
@@ -70,7 +76,7 @@ class BatchRows:
         self.consumed: list[int] = []  # output tokens already in the device history
         self.last: list[int] = []  # output[consumed - 1] when it was written
         self.expect: list[int] = []  # consumed + 1: a steady step adds one token to every row
-        self.starting = 0  # rows with nothing consumed yet (their output is too short for the fast check)
+        self.fresh: set[int] = set()  # rows with nothing consumed yet (their output is too short for the fast check)
         self.grows: list[int] = []  # 1 for a row with a request, 0 for an idle one
         self.config = np.zeros(8, dtype=np.int64)  # config index per row (0: no request)
         self.prompt_len = np.zeros(8, dtype=np.int64)
@@ -112,7 +118,9 @@ class BatchRows:
 
     def fit(self) -> None:
         """Trim the per-row lists to one past the highest row with a request."""
-        count = max(self.requests) + 1 if self.requests else 0
+        count, requests = self.count, self.requests  # _put raised it for rows added above
+        while count and count - 1 not in requests:
+            count -= 1
         self._cover(count - 1)
         del self.outputs[count:], self.consumed[count:], self.last[count:], self.expect[count:], self.grows[count:]
         self.count = count
@@ -143,6 +151,7 @@ class BatchRows:
         )  # fmt: skip
         self.rewrite.discard(row)
         self.blank.discard(row)
+        self.fresh.discard(row)
         return held
 
     def _put(self, row: int, held: _Held) -> None:
@@ -154,11 +163,15 @@ class BatchRows:
         self.source.pop(row, None)
         self.rewrite.discard(row)
         self.blank.discard(row)
+        self.fresh.discard(row)
         if held.request is None:
             self.requests.pop(row, None)
             self.blank.add(row)  # cheaper to clear than to track whether it already is
             return
         self.requests[row] = held.request
+        self.count = max(self.count, row + 1)
+        if not held.consumed:
+            self.fresh.add(row)
         if held.rewrite:
             self.rewrite.add(row)
         elif held.source != row:
@@ -181,50 +194,79 @@ class BatchRows:
     def settle(self) -> Settled:
         """Find each row's progress since the last apply and record it as consumed.
 
-        A row that gained exactly one settled token is appended at the new column (found for all
-        rows at once with numpy); a new row, one whose tokens were dropped or regenerated, one that
-        gained several, or, when the column moves, one that gained none, is rewritten whole.
+        A row that gained exactly one settled token is appended at the new column: found for all
+        rows at once with C-level passes over the output lists (as the steady step does) and numpy,
+        so the Python work is per row changed; a new row, one whose tokens were dropped or
+        regenerated, one that gained several, or, when the column moves, one that gained none, is
+        rewritten whole.
         """
         n, outputs = self.count, self.outputs
-        lengths = list(map(len, outputs))
-        length = np.array(lengths, dtype=np.int64)
-        newest = np.array([o[-1] if k else -1 for o, k in zip(outputs, lengths, strict=True)], dtype=np.int64)
-        before = np.array([o[-2] if k > 1 else -1 for o, k in zip(outputs, lengths, strict=True)], dtype=np.int64)
-        consumed = np.array(self.consumed, dtype=np.int64)
-        last = np.array(self.last, dtype=np.int64)
-        steady = self.config[:n] > 0
-        steady[list(self.rewrite)] = False
-        one = steady & (length == consumed + 1) & (newest >= 0) & ((consumed == 0) | (before == last))
-        rewrite = [(row, settled_length(outputs[row])) for row in self.rewrite]
+        odd = self.rewrite | self.fresh  # looked at one by one: their outputs may be too short to pass
+        try:
+            lengths, newest, before = _ends(outputs, odd)
+        except IndexError:  # a row's output shrank below two tokens: it is odd (length check below)
+            lengths = list(map(len, outputs))
+            newest = [o[-1] if k else -1 for o, k in zip(outputs, lengths, strict=True)]
+            before = [o[-2] if k > 1 else -1 for o, k in zip(outputs, lengths, strict=True)]
+        range_n = range(n)
+        odd.update(compress(range_n, map(ne, lengths, self.expect)))
+        odd.update(compress(range_n, map(ne, before, self.last)))
+        if n and min(newest) < 0:  # placeholders (async scheduling): rare, so looked for only then
+            odd.update(compress(range_n, map(_NEGATIVE, newest)))
+        part = self.config[:n] > 0
+        one = part.copy()
+        one[np.fromiter(odd, dtype=np.int64, count=len(odd))] = False
+        rows = np.flatnonzero(one)
+        tokens = np.frombuffer(array("q", newest), dtype=np.int64)[rows]
+        # Rows that gained one token (and idle rows, whose stand-in output never changes) now hold
+        # their whole output; the odd rows are set below.
+        consumed, last, old_consumed, old_last = lengths, newest, self.consumed, self.last
+        rewrite: list[tuple[int, int]] = []
         stay: list[tuple[int, int]] = []
-        extra_rows: list[int] = []
-        extra_tokens: list[int] = []
-        for row in np.flatnonzero(steady & ~one).tolist():
-            output, done = outputs[row], self.consumed[row]
+        extra: list[tuple[int, int]] = []  # (row, token): one token, then a placeholder, or a first token
+        for row in sorted(odd):
+            if not part[row]:
+                consumed[row], last[row] = _IDLE_CONSUMED, _IDLE_LAST
+                continue
+            output, done = outputs[row], old_consumed[row]
             count = settled_length(output)
-            if count < done or (done and output[done - 1] != self.last[row]):
-                rewrite.append((row, count))  # tokens dropped or regenerated
+            if row in self.rewrite or count < done or (done and output[done - 1] != old_last[row]):
+                rewrite.append((row, count))  # new, or tokens dropped or regenerated
             elif count == done:
                 stay.append((row, count))
+                consumed[row], last[row] = done, old_last[row]
             elif count == done + 1:
-                extra_rows.append(row)  # one token, then a placeholder
-                extra_tokens.append(output[count - 1])
+                extra.append((row, output[count - 1]))
             else:
                 rewrite.append((row, count))
-        rows = np.concatenate([np.flatnonzero(one), np.array(extra_rows, dtype=np.int64)])
-        tokens = np.concatenate([newest[one], np.array(extra_tokens, dtype=np.int64)])
+        if extra:
+            rows = np.concatenate([rows, np.array([row for row, _ in extra], dtype=np.int64)])
+            tokens = np.concatenate([tokens, np.array([token for _, token in extra], dtype=np.int64)])
+            for row, token in extra:
+                consumed[row], last[row] = old_consumed[row] + 1, token
         advanced = rows.shape[0] > 0
         if advanced:
             rewrite += stay  # their newest token must move to the new column too
-        consumed[rows] += 1
-        last[rows] = tokens
         for row, count in rewrite:
             consumed[row] = count
             last[row] = outputs[row][count - 1] if count else -1
-        self.consumed, self.last = consumed.tolist(), last.tolist()
-        part = self.config[:n] > 0
-        self.expect = np.where(part, consumed + 1, _IDLE_CONSUMED).tolist()
-        self.starting = int(np.count_nonzero(part & (consumed == 0)))
+        self.consumed, self.last = consumed, last
+        self.expect = list(map(add, consumed, self.grows))
+        self.fresh = {row for row in odd if part[row] and not consumed[row]}
         self.rewrite.clear()
-        longest = int((self.prompt_len[:n] + consumed)[part].max(initial=0))
+        kept = self.prompt_len[:n] + np.frombuffer(array("q", consumed), dtype=np.int64)
+        longest = int(kept[part].max(initial=0))
         return Settled(rows, tokens, rewrite, advanced, longest)
+
+
+def _ends(outputs: list[list[int]], odd: set[int]) -> tuple[list[int], list[int], list[int]]:
+    """Every row's output length, newest and next-to-newest token, in C-level passes; the ``odd``
+    rows, whose outputs may hold fewer than two tokens, read as idle rows meanwhile."""
+    held = [(row, outputs[row]) for row in odd]
+    for row, _ in held:
+        outputs[row] = _IDLE_OUTPUT
+    try:
+        return list(map(len, outputs)), list(map(_LAST, outputs)), list(map(_BEFORE_LAST, outputs))
+    finally:
+        for row, output in held:
+            outputs[row] = output

@@ -10,7 +10,7 @@ plus a few Python calls per rewritten row.
 
 from __future__ import annotations
 
-from itertools import chain
+from array import array
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ def send_change(
     cell_rows = np.concatenate([step.appended_rows, np.repeat(rewritten, lengths)])
     put("rows", cell_rows)
     put("columns", np.concatenate([np.full(appended, now), now + 1 - np.repeat(lengths, lengths) + within]))
-    tokens = np.fromiter(chain(step.appended_tokens.tolist(), *segments), dtype=np.int64, count=cells)
+    tokens = np.concatenate([step.appended_tokens, *(_ints(segment) for segment in segments)])
     prompt_cells = within < np.repeat(batch.prompt_len[rewritten], lengths)
     in_prompt = np.concatenate([np.zeros(appended, dtype=bool), prompt_cells])
     values = layout.host(host, "values").reshape(WRITTEN, cells)
@@ -129,6 +129,11 @@ def send_change(
     if look_ngram and widths.ngram:
         suffix = layout.device(staged, "ngram_suffix").view(-1, look_ngram)
         history.rebuild(rebuilt, suffix, NGRAM_KEY, widths.ngram)
+
+
+def _ints(tokens: list[int]) -> np.ndarray:
+    """A list of token ids as int64 (through ``array``: several times faster than numpy's own list walk)."""
+    return np.frombuffer(array("q", tokens), dtype=np.int64)
 
 
 def _suffixes(keys: np.ndarray, starts: np.ndarray, lengths: np.ndarray, look: int) -> np.ndarray:

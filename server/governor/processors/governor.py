@@ -128,7 +128,7 @@ class GovernorLogitsProcessor(LogitsProcessor):
         if lengths != batch.expect:
             return False
         newest = list(map(_LAST, outputs))
-        if batch.starting:  # the step after requests arrived: their output holds one token
+        if batch.fresh:  # the step after requests arrived: their output holds one token
             before = [output[-2] if length > 1 else -1 for output, length in zip(outputs, lengths, strict=True)]
         else:
             before = list(map(_BEFORE_LAST, outputs))
@@ -143,7 +143,7 @@ class GovernorLogitsProcessor(LogitsProcessor):
         else:
             self.uploads.copy_to(history.newest_column(n))
         batch.consumed, batch.last, batch.expect = lengths, newest, list(map(add, lengths, batch.grows))
-        batch.starting = 0
+        batch.fresh.clear()
         self.longest += 1
         self._extent = self.longest
         self._widths = self._current_widths()
