@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from vllm import SamplingParams
 
 from governor.engine.flags import PROCESSORS as ENGINE_PROCESSORS
 from governor.engine.flags import SEPARATE_PROCESSORS
+from governor.processors import shared_history
 from governor.processors.dry import DRYLogitsProcessor
 from governor.processors.extra_args import encode_ids
 from governor.processors.governor import GovernorLogitsProcessor
@@ -107,6 +109,18 @@ def mixed_args(vocab: int) -> Any:
 def test_equals_the_three_processors_under_random_batches(seed: int, vocab: int, batch_size: int) -> None:
     pair = AgainstChain(vocab)
     random_session(pair, chained_rule, mixed_args(vocab), seed, vocab=vocab, batch_size=batch_size, steps=60)
+    assert pair.steps == 60
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31), batch_size=st.integers(2, 9))
+def test_the_cpu_redirect_changes_no_logit(seed: int, batch_size: int) -> None:
+    # The CPU path points DRY's cells without a penalty at column 0 from a wide vocabulary on: with
+    # the threshold at 0 the small vocabularies here take that path too, and must stay bit-identical.
+    with patch.object(shared_history, "SCATTERED_VOCAB", 0):
+        pair = AgainstChain(12)
+        assert pair.governor.history.cache_friendly
+        random_session(pair, chained_rule, mixed_args(12), seed, vocab=12, batch_size=batch_size, steps=60)
     assert pair.steps == 60
 
 

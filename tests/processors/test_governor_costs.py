@@ -198,8 +198,12 @@ def _measure(load: Load, step: Callable[[], None]) -> dict[str, Any]:
             "calls": load.profiled.calls}  # fmt: skip
 
 
-def _costs(cls: type, rows: int, finished: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    load = Load(make_processor(cls, VOCAB), rows, balanced_args())
+def _costs(cls: type, rows: int, finished: tuple[int, ...], cache_friendly: bool = False) -> dict[str, dict[str, Any]]:
+    """The step costs; ``cache_friendly`` False counts the ops a GPU's torch path runs (the CPU-only
+    redirect of DRY's cells without a penalty to column 0 left out: see ``SharedHistory``)."""
+    processor = make_processor(cls, VOCAB)
+    processor.history.cache_friendly = cache_friendly
+    load = Load(processor, rows, balanced_args())
     for _ in range(3):  # warm-up: buffers, tables and staging reach their size; the step after an add
         load.change(max(finished))
         load.steady()
@@ -240,6 +244,16 @@ def test_prints_and_bounds_the_costs_per_step(costs: dict[int, dict[str, dict[st
     for kind in ("steady", "change 2", "change 4", "realign"):
         assert costs[8][kind]["ops"] == costs[64][kind]["ops"] == costs[1024][kind]["ops"], kind
         assert costs[8][kind]["calls"] == costs[64][kind]["calls"] == costs[1024][kind]["calls"], kind
+
+
+def test_the_cpu_redirect_adds_two_ops_to_a_step(costs: dict[int, dict[str, dict[str, Any]]]) -> None:
+    """On CPU at a wide vocabulary DRY's cells without a penalty read and lower column 0, for the
+    caches; that costs a comparison and a select, whatever the batch."""
+    cpu = _costs(GovernorLogitsProcessor, 64, (2,), cache_friendly=True)
+    print("cpu steady ops:", " ".join(cpu["steady"]["ops"]))
+    for kind in ("steady", "change 2"):
+        plain = costs[64][kind]["ops"]
+        assert sorted(cpu[kind]["ops"]) == sorted([*plain, "gt", "where"]), (kind, cpu[kind]["ops"])
 
 
 def test_python_calls_of_a_change_grow_with_the_rows_changed_only(costs: dict[int, dict[str, dict[str, Any]]]) -> None:
