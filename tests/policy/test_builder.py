@@ -89,7 +89,7 @@ def test_balanced_default(policy: Policy, smol: TokenizerInfo) -> None:
     assert xargs[xa.DRY_MULTIPLIER] == BALANCED["dry_multiplier"]
     assert xargs[xa.DRY_ALLOWED_LENGTH] == BALANCED["dry_allowed_length"]
     assert smol.special_id("<|im_end|>") not in xa.parse_ids(xargs[xa.DRY_BREAKERS], "")
-    assert xargs[xa.DRY_SCOPE] == "output"  # copying from the prompt is free (README, "dry_scope")
+    assert xargs[xa.DRY_SCOPE] == "output"  # copying from the prompt is free (docs/decoding.md, "dry_scope")
     assert "stop" not in result.body and "stop_token_ids" not in result.body  # chat: vLLM stops at EOS
     assert "repetition_penalty" not in result.body
 

@@ -37,7 +37,7 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         "description": "No anti-loop controls and no loop detection; template stops still apply.",
         "loop_detection": False,
     },
-    # Tuned with `governor eval loops` on the embedded SmolLM2 (README: "Decoding controls"): DRY alone
+    # Tuned with `governor eval loops` on the embedded SmolLM2 (docs/decoding.md): DRY alone
     # (multiplier 0.8, allowed length 3) still let 4.6% of answers loop through near-repeats ("a winter's
     # night, a winter's night's song, ..."); a light windowed penalty that spares digits and punctuation
     # removed them. A no-repeat 4-gram ban did too, but broke counting ("11. 11" shares a 4-gram with
