@@ -11,7 +11,8 @@ import pytest
 
 from governor.eval.loops import load_prompts, passes
 from governor.policy.presets import LOOP_FIELDS, builtin_presets
-from governor.stream.loop_detector import LoopConfig, LoopDetector, trim_to_first_copy
+from governor.stream.loop_detector import LoopConfig, LoopDetector
+from governor.stream.loop_trim import trim_to_first_copy
 
 LINES = "\n".join
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]

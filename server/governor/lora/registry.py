@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from governor.engine.base import EngineClient, EngineState
 from governor.engine.pool import EnginePool
 from governor.errors import (
-    AdapterNotFound,
     AdapterWaitTimeout,
     Conflict,
     EngineUnavailable,
@@ -29,6 +28,7 @@ from governor.errors import (
 )
 from governor.lora.adapter import Adapter, AdapterState, Source, Version
 from governor.lora.base_model import BaseModelInfo
+from governor.lora.catalog import READY, AdapterCatalog
 from governor.lora.loader import AdapterLoader
 from governor.lora.metrics import AdapterMetrics
 from governor.lora.objects import ObjectFetcher, is_object_url
@@ -42,10 +42,9 @@ from governor.target import Target
 
 log = logging.getLogger("governor.lora")
 Names = list[str]
-READY = AdapterState.READY
 
 
-class AdapterRegistry:
+class AdapterRegistry(AdapterCatalog):
     """Every registered adapter and its state; the service's AdapterResolver and the admin API's backend."""
 
     def __init__(
@@ -68,7 +67,7 @@ class AdapterRegistry:
         self.metrics = AdapterMetrics(lambda: [a.state for a in list(self._adapters.values())], self.waiting)
         if metrics_registry is not None:
             metrics_registry.register(self.metrics)
-        self._adapters: dict[str, Adapter] = {}
+        super().__init__()
         self._locks: dict[str, asyncio.Lock] = {}
         self.loader = AdapterLoader(
             pool,
@@ -140,34 +139,6 @@ class AdapterRegistry:
             yield
         finally:
             lock.release()
-
-    def waiting(self) -> int:
-        """Requests waiting now for their adapter to be loaded (counted in the metrics and the picker's queue)."""
-        return sum(a.waiting for a in self._adapters.values())
-
-    def waiting_by_name(self) -> dict[str, int]:
-        return {n: a.waiting for n, a in self._adapters.items() if a.waiting}
-
-    def ready_names(self) -> list[str]:
-        return sorted(n for n, a in self._adapters.items() if a.state == READY)
-
-    def servable_names(self) -> list[str]:
-        """Names a request may use now: ready ones and those loaded on demand (not failed or going away)."""
-        gone = (AdapterState.FAILED, AdapterState.UNLOADING)
-        return sorted(n for n, a in self._adapters.items() if a.state not in gone)
-
-    def listed(self) -> list[tuple[str, str, str]]:
-        """(name, state, tier) of every registered adapter not going away, by name: /v1/models."""
-        gone = AdapterState.UNLOADING
-        return [(n, a.state.value, a.tier) for n, a in sorted(self._adapters.items()) if a.state != gone]
-
-    def slots(self) -> list[tuple[str, bool, bool]]:
-        """(name, loaded on the engines, pinned) per registered adapter: the model-server series."""
-        return [(n, a.state == READY, a.pinned) for n, a in self._adapters.items()]
-
-    def known_names(self) -> list[str]:
-        """Every registered name (bounds metric label values)."""
-        return sorted(self._adapters)
 
     def list(self) -> list[dict[str, Any]]:
         self._require_lora()
@@ -361,14 +332,6 @@ class AdapterRegistry:
 
         return Target(a.name, v.internal, adapter=a.name, profile=a.profile, engines=tuple(live), done=done)
 
-    def _failed(self, a: Adapter) -> Conflict:
-        hint = " (or fix its folder: watched folders reload when they change)" if a.source == "watch" else ""
-        return Conflict(
-            f"Adapter '{a.name}' failed to load: {a.reason}; fix it and POST /admin/adapters again{hint}.",
-            param="model",
-            code="adapter_failed",
-        )
-
     def _register(self, name: str, path: str, source: Source, pinned: bool) -> Adapter:
         origin = path if is_object_url(path) else None
         # An adapter from a store has no folder under the root: no watcher event ever names it.
@@ -389,12 +352,6 @@ class AdapterRegistry:
         if a.pinned and not on:
             self.loader.room_freed()
         a.pinned = on
-
-    def _get(self, name: str) -> Adapter:
-        a = self._adapters.get(name)
-        if a is None:
-            raise AdapterNotFound(f"Adapter '{name}' is not registered.", param="name")
-        return a
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

@@ -23,7 +23,7 @@ from governor.errors import InvalidRequest
 from governor.policy.presets import CONTROL_FIELDS, LOOP_FIELDS, PASSTHROUGH_FIELDS, Preset, PresetError, describe_error
 from governor.policy.templates import FAMILIES, TemplateFamily, get_family
 from governor.policy.tokenizer_info import TokenizerInfo
-from governor.processors import extra_args as xa
+from governor.policy.xargs import processor_args
 from governor.stream.loop_detector import LoopConfig
 
 __all__ = [
@@ -376,26 +376,11 @@ class Policy:
                 f"'rep_exempt': token id {bad} is outside the vocabulary (size {vocab}).", param="rep_exempt"
             )
 
-        xargs: dict[str, Any] = {}
-        if fields.get("dry_multiplier", 0) > 0:
-            xargs[xa.DRY_MULTIPLIER] = fields["dry_multiplier"]
-            xargs[xa.DRY_BASE] = fields.get("dry_base", xa.DRY_DEFAULT_BASE)
-            xargs[xa.DRY_ALLOWED_LENGTH] = fields.get("dry_allowed_length", xa.DRY_DEFAULT_ALLOWED_LENGTH)
-            xargs[xa.DRY_RANGE] = fields.get("dry_range", 0)
-            breakers = self.info.breaker_ids(fields.get("dry_breakers") or ())
-            if breakers:
-                xargs[xa.DRY_BREAKERS] = xa.encode_ids(breakers)
-            xargs[xa.DRY_SCOPE] = fields.get("dry_scope", xa.DRY_SCOPES[0])
-        if fields.get("ngram_size", 0) > 0:
-            xargs[xa.NGRAM_SIZE] = fields["ngram_size"]
-            xargs[xa.NGRAM_WINDOW] = fields.get("ngram_window", 0)
-        if fields.get("rep_penalty", 1.0) > 1.0:
-            xargs[xa.REP_PENALTY] = fields["rep_penalty"]
-            xargs[xa.REP_WINDOW] = fields.get("rep_window", 0)
-            xargs[xa.REP_SCOPE] = fields.get("rep_scope", xa.REP_SCOPES[0])
-            ids = self._exempt_ids(tuple(exempt), bool(fields.get("rep_exempt_digits_punct")))
-            if ids:
-                xargs[xa.REP_EXEMPT] = xa.encode_ids(ids)
+        xargs = processor_args(
+            fields,
+            lambda: self.info.breaker_ids(fields.get("dry_breakers") or ()),
+            lambda: self._exempt_ids(tuple(exempt), bool(fields.get("rep_exempt_digits_punct"))),
+        )
 
         loop = None
         if fields.get("loop_detection", False):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from governor.stream.line_repeats import LineRepeats
 from governor.stream.periodic_runs import KEY_CHARS, NEVER, find_run, has_repeated_block, nearest_key_copy
 
-__all__ = ["LoopConfig", "LoopDetector", "LoopVerdict", "has_repeated_block", "trim_to_first_copy"]
+__all__ = ["LoopConfig", "LoopDetector", "LoopVerdict", "has_repeated_block"]
 
 _CHECK_STEP = 8  # lite chars between two exact-repetition checks
 _VARYING_STEP = 32  # lite chars between two number-varying checks (those fire late anyway)
@@ -47,7 +47,6 @@ _DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
 _WORD = re.compile(r"[^\W\d_]{2}")
 _CODE = re.compile(r"[_()\[\]{}=;<>\\`]|[^\W\d]\.[^\W\d]")  # brackets, operators, obj.attr
-_TOKENS = re.compile(r"\s+|\d+|[^\s\d]+")  # raw text in the pieces lite is built from
 # A sentence ends; a line ends; a code fence opens or closes. Every branch starts with a literal, so sre
 # scans for their first chars at C speed (a leading class would make it try the branches at every char).
 _EVENTS = re.compile(r"\.[ \n]|![ \n]|\?[ \n]|\n|```")
@@ -122,6 +121,11 @@ class LoopDetector:
     def verdict(self) -> LoopVerdict | None:
         """The verdict once the text was judged to loop, else None."""
         return self._verdict
+
+    @property
+    def cut(self) -> tuple[str, int] | None:
+        """Where the loop's first copy ends: ("lite" | "norm", absolute position in that form), or None."""
+        return self._cut
 
     def feed(self, delta: str) -> LoopVerdict | None:
         """Add the next text delta; return the verdict once looping is certain (and ever after)."""
@@ -369,44 +373,3 @@ def _first_copy_end(buf: str, run_start: int, period: int) -> int:
         if m is not None:
             return m.end() if after else m.start()
     return run_start + period
-
-
-def trim_to_first_copy(text: str, config: LoopConfig) -> str:
-    """For non-streaming answers: the full raw text cut right after the first copy of the repeated
-    block (keeps everything before the loop started). Returns text unchanged if no loop is found.
-
-    A near-repeat ("A. B. A. C. A.") is cut just before the second occurrence of the sentence.
-    """
-    det = LoopDetector(config)
-    det.feed(text)
-    if det._cut is None:
-        return text
-    return text[: _raw_offset(text, det._cut[1], numbers=det._cut[0] == "norm")].rstrip()
-
-
-def _raw_offset(text: str, target: int, *, numbers: bool) -> int:
-    """Index in ``text`` of the char that became lite (``numbers``: norm) position ``target``; mirrors _to_lite."""
-    pos = 0  # chars of lite/norm produced so far
-    ws_at = -1  # raw start of the whitespace run waiting to be emitted as one char
-    for m in _TOKENS.finditer(text):
-        tok = m.group()
-        if tok[0].isspace():
-            if pos:  # leading whitespace is dropped
-                ws_at = m.start()
-            continue
-        if ws_at >= 0:
-            if pos == target:
-                return ws_at
-            pos += 1
-            ws_at = -1
-        if tok[0].isdecimal():
-            width = 1 if numbers else len(tok)
-            if target < pos + width:
-                return m.start() + (0 if numbers else target - pos)
-            pos += width
-            continue
-        for i, ch in enumerate(tok):
-            if pos >= target:
-                return m.start() + i
-            pos += len(ch.casefold())
-    return len(text)

@@ -1,9 +1,8 @@
 """Relays an upstream vLLM SSE stream to the client, cutting loops on the way.
 
-Fast path (no loop detection): bytes are forwarded as they come, only the final usage event is
-parsed. Loop path: every event is parsed, text deltas go to one LoopDetector per choice, and a
-looping choice is finished with finish_reason "stop" / stop_reason "loop_detected"; once every
-choice is finished the upstream request is closed, which makes vLLM abort it and free its KV cache.
+Fast path (no loop detection): bytes are forwarded as they come, only the final usage event is parsed.
+Loop path: every event is parsed, text deltas go to one LoopDetector per choice, a looping choice ends with
+finish_reason "stop" / stop_reason "loop_detected"; once all have, the upstream request is closed (vLLM aborts it).
 Whatever fails on the way (vLLM's in-stream error event, an unreadable event, the engine going away, a
 bug) ends the response with an error: an error event and [DONE] when streaming, a raised GovernorError
 from collect(); each is logged with the request id and counted by reason.
@@ -26,7 +25,8 @@ import orjson
 from governor.engine.base import Upstream
 from governor.errors import DeadlineExceeded, EngineUnavailable, GovernorError
 from governor.stream.assemble import Assembler
-from governor.stream.loop_detector import LoopConfig, LoopDetector, trim_to_first_copy
+from governor.stream.loop_detector import LoopConfig, LoopDetector
+from governor.stream.loop_trim import trim_to_first_copy
 from governor.stream.sse import (
     DONE,
     ERROR_KEY,
