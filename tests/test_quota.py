@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from governor.api.auth import presented_key
 from governor.errors import Overloaded
-from governor.quota import Quotas, key_identity, presented_key
+from governor.quota import Quotas, key_identity
 
 
 def test_presented_key_and_identity() -> None:

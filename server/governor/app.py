@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
 
 from governor.api import admin_routes, openai_routes, ops_routes, ui_routes
+from governor.api.errors import install_handlers
 from governor.engine.pool import EnginePool
-from governor.errors import install_handlers
 from governor.metrics.engine import EngineScraper
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector

@@ -1,20 +1,10 @@
-"""Typed errors and the one place that turns them into OpenAI error envelopes."""
+"""Typed errors and their OpenAI error envelope, without a web framework (``api/errors.py`` makes them responses)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
-
 from governor.redaction import redact_paths
-
-log = logging.getLogger("governor.errors")
 
 
 class GovernorError(Exception):
@@ -123,15 +113,6 @@ def error_body(exc: GovernorError, *, hide_paths: bool = False) -> dict[str, Any
     return envelope(redact_paths(exc.message) if hide_paths else exc.message, exc.type, exc.param, exc.code)
 
 
-def error_response(exc: GovernorError, *, hide_paths: bool = False) -> Response:
-    return Response(
-        orjson.dumps(error_body(exc, hide_paths=hide_paths)),
-        status_code=exc.status,
-        media_type="application/json",
-        headers=exc.headers(),
-    )
-
-
 def from_pydantic(errors: list[Any], *, fastapi: bool = False) -> InvalidRequest:
     """The first pydantic error as a 400 naming the field (`messages.0.role`); the one helper for
     request bodies, whether Governor or FastAPI (`fastapi`: locations start with body/query/…) validated them."""
@@ -146,11 +127,6 @@ def from_pydantic(errors: list[Any], *, fastapi: bool = False) -> InvalidRequest
     param = ".".join(parts) or None
     prefix = f"'{param}': " if param else ""
     return InvalidRequest(f"{prefix}{first.get('msg', 'invalid value')}", param=param)
-
-
-def validation_error(exc: RequestValidationError) -> InvalidRequest:
-    """A FastAPI-validated body's first error (see `from_pydantic`)."""
-    return from_pydantic(list(exc.errors()), fastapi=True)
 
 
 class ClientGone(GovernorError):
@@ -194,35 +170,3 @@ def from_status(status: int, message: str) -> GovernorError:
     if status in (405, 422):
         err.status = status if status == 405 else 400
     return err
-
-
-def _hides_paths(request: Request) -> bool:
-    """Server paths reach only the admin API's callers (see governor.redaction)."""
-    path = request.url.path
-    return not (path == "/admin" or path.startswith("/admin/"))
-
-
-def install_handlers(app: FastAPI) -> None:
-    """Every error on every route leaves as an OpenAI envelope."""
-
-    @app.exception_handler(GovernorError)
-    async def _governor(request: Request, exc: GovernorError) -> Response:
-        return error_response(exc, hide_paths=_hides_paths(request))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_error(exc), hide_paths=_hides_paths(request))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(from_status(exc.status_code, str(exc.detail)), hide_paths=_hides_paths(request))
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(_: Request, exc: ClientDisconnect) -> Response:
-        # The client hung up while sending its body: nobody reads this answer, and it is no server fault.
-        return error_response(InvalidRequest("Client disconnected before the request body was complete."))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"path": request.url.path})
-        return error_response(GovernorError("Internal error; see the server log.", code="internal_error"))

@@ -12,22 +12,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from governor.errors import Overloaded
 
 WINDOW = 60.0
 MAX_CLIENTS = 10_000
-
-
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The API key a client presents: `Authorization: Bearer <key>` or `X-API-Key`."""
-    auth = headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
-    return headers.get("x-api-key")
 
 
 def key_identity(key: str) -> str:

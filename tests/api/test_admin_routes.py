@@ -12,7 +12,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from governor.api import admin_routes
-from governor.errors import install_handlers
+from governor.api.errors import install_handlers
 from governor.lora.registry import AdapterRegistry
 from tests.lora.factory import AdapterFactory
 from tests.lora.fixtures import Engine, base_info, engine, factory, make_registry, root  # noqa: F401

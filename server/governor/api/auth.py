@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from starlette.requests import Request
 
 from governor.errors import Forbidden, Unauthorized
-from governor.quota import presented_key
 from governor.settings import Settings
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The API key a client presents: `Authorization: Bearer <key>` or `X-API-Key`."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    return headers.get("x-api-key")
 
 
 def _matches(key: str, candidates: list[str]) -> bool:

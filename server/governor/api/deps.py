@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from governor.api import auth
+from governor.api.auth import presented_key
 from governor.engine.pool import EnginePool
-from governor.quota import presented_key
 from governor.readiness import Readiness
 from governor.serving import ClientInfo, GenerationService
 from governor.settings import Settings

@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from governor.api import auth
+from governor.api.auth import presented_key
 from governor.api.body import read_json
 from governor.api.deps import ClientDep, ServiceDep, SettingsDep, user_auth
 from governor.endpoint import ENDPOINTS, Kind
 from governor.errors import ModelNotFound
 from governor.lora.merge import PUBLIC_PROVENANCE
-from governor.quota import presented_key
 from governor.request import ChatCompletionRequest, CompletionRequest, parse_request
 
 router = APIRouter(prefix="/v1", tags=["openai"])

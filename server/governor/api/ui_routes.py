@@ -20,10 +20,10 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from governor.api import auth
+from governor.api.auth import presented_key
 from governor.api.body import read_bytes
 from governor.api.deps import SettingsDep, metrics_auth, user_auth
 from governor.errors import NotFound, Overloaded
-from governor.quota import presented_key
 from governor.ui import eval_view
 from governor.ui.status import StatusReader
 
