@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "governor.engine": 1, "governor.processors": 1,
     "governor.stream": 2, "governor.policy": 2, "governor.lora": 2, "governor.metrics": 2, "governor.eval": 2,
     "governor.serving": 3, "governor.scope": 3, "governor.request": 3, "governor.quota": 3,
-    "governor.readiness": 3,
+    "governor.readiness": 3, "governor.catalog": 3,
     "governor.api": 4, "governor.ui": 4,
     "governor.app": 5, "governor.server": 5, "governor.bootstrap": 5, "governor.cli": 5, "governor.bench_cli": 5,
     "governor.merge_cli": 5, "governor.__main__": 5, "governor.bench": 5, "governor.lora.cli": 5,
@@ -35,8 +35,6 @@ LAYERS: dict[str, int] = {
 }  # fmt: skip
 WEB = {"fastapi", "starlette", "uvicorn"}
 WEB_ALLOWED = ("governor.api", "governor.app", "governor.server")
-# Issue 30: the service still builds its streaming response; it moves to api/ when the service returns a result.
-WEB_PENDING = {"governor.serving", "governor.stream.response"}
 TORCH = {"torch", "triton"}
 TORCH_ALLOWED = ("governor.processors", "governor.lora.merge", "governor.bench", "governor.bench_cli",
                  "governor.embedded", "governor.engine.vllm_fixes")  # fmt: skip
@@ -99,7 +97,7 @@ def violations(sources: dict[str, str]) -> list[str]:
             target_layer = layer_of(target)
             if target_layer is not None and target_layer > layer:
                 found.append(f"{module} (layer {layer}) imports {target} (layer {target_layer})")
-        if others & WEB and not module.startswith(WEB_ALLOWED) and module not in WEB_PENDING:
+        if others & WEB and not module.startswith(WEB_ALLOWED):
             found.append(f"{module} imports the web framework ({', '.join(sorted(others & WEB))})")
         if others & TORCH and not module.startswith(TORCH_ALLOWED):
             found.append(f"{module} imports torch")
@@ -114,12 +112,6 @@ def sources() -> dict[str, str]:
 def test_every_module_imports_only_its_layer_or_lower(sources: dict[str, str]) -> None:
     assert len(sources) > 100
     assert violations(sources) == []
-
-
-def test_the_web_framework_exceptions_still_are_exceptions(sources: dict[str, str]) -> None:
-    # When a pending module stops importing the framework, it leaves the list (so it cannot slip back).
-    for module in WEB_PENDING:
-        assert imports_of(sources[module], set(sources))[1] & WEB, module
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,7 +13,9 @@ from prometheus_client import disable_created_metrics
 
 from governor.api import admin_routes, openai_routes, ops_routes, ui_routes
 from governor.api.errors import install_handlers
+from governor.catalog import ModelCatalog
 from governor.engine.pool import EnginePool
+from governor.lora.registry import AdapterRegistry
 from governor.metrics.engine import EngineScraper
 from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
@@ -28,8 +30,10 @@ from governor.ui.status import StatusReader
 log = logging.getLogger("governor")
 
 
-def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: Any = None) -> FastAPI:
-    """Assemble the gateway around an engine pool and a decoding policy."""
+def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: AdapterRegistry | None = None,
+               provenance: Mapping[str, Any] | None = None) -> FastAPI:  # fmt: skip
+    """Assemble the gateway around an engine pool, a decoding policy and (optionally) the adapter registry;
+    ``provenance``: what a merged base model was made from (shown on /v1/models)."""
     disable_created_metrics()  # `_created` series double the exposition and no dashboard reads them
     metrics = GatewayMetrics()
     gpu = GpuCollector(metrics.total_output_tokens)
@@ -43,8 +47,9 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     engine_scraper = EngineScraper(model_server=model_server)
     if registry is not None:
         metrics.registry.register(registry.metrics)
-    metrics.bound_labels(lambda: _known_models(pool, registry))
-    policy_ref: Callable[[], Policy] = lambda: policy  # noqa: E731  (swapped when presets reload)
+    started_at = time.time()
+    catalog = ModelCatalog(pool, registry, settings.max_model_len, started_at, provenance)
+    metrics.bound_labels(catalog.names)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,17 +75,18 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     app.state.metrics = metrics
     app.state.engine_scraper = engine_scraper
     app.state.registry = registry
-    app.state.started_at = time.time()
+    app.state.started_at = started_at
+    app.state.catalog = catalog
     app.state.readiness = Readiness(
         pool,
         settings.ready_cache_seconds,
-        probe_body=lambda: policy_ref().build(dict(PROBE_REQUEST), kind="completions").body,
+        probe_body=lambda: policy.build(dict(PROBE_REQUEST), kind="completions").body,
         degraded=policy.info.degraded(),
     )
     quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency, settings.address_concurrency)
     if registry is not None:  # adapter profiles are compiled (and refused) when an adapter loads
-        registry.loader.compile_profile = lambda profile: policy_ref().compile_profile(profile)
-    app.state.service = GenerationService(settings, pool, policy_ref, metrics, registry, quotas)
+        registry.loader.compile_profile = policy.compile_profile
+    app.state.service = GenerationService(settings, pool, policy, metrics, catalog, quotas)
     install_handlers(app)
     _document_request_models(app)
     app.include_router(openai_routes.router)
@@ -93,13 +99,6 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         app.state.ui_status = StatusReader(settings, pool, registry, metrics, gpu)
         app.include_router(ui_routes.build_router())
     return app
-
-
-def _known_models(pool: EnginePool, registry: Any) -> set[str]:
-    names = {pool.served_model}
-    if registry is not None:
-        names.update(registry.known_names())
-    return names
 
 
 def _document_request_models(app: FastAPI) -> None:

@@ -56,8 +56,7 @@ def run(settings: Settings) -> None:
     pool, model_dir = build_pool(settings)
     policy = build_policy(settings, model_dir)
     registry = build_registry(settings, pool, model_dir)
-    app = create_app(settings, pool, policy, registry=registry)
-    app.state.model_provenance = read_provenance(model_dir)
+    app = create_app(settings, pool, policy, registry=registry, provenance=read_provenance(model_dir))
     url = f"http://{settings.host}:{settings.port}/v1"
     announced: set[str] = set()
 

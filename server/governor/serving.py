@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.responses import Response
 
+from governor.catalog import ModelCatalog
 from governor.endpoint import Endpoint
 from governor.engine.base import EngineClient, Upstream
 from governor.engine.pool import EnginePool
@@ -23,7 +24,6 @@ from governor.errors import (
     EngineUnavailable,
     GovernorError,
     InvalidRequest,
-    ModelNotFound,
     from_status,
     from_transport,
 )
@@ -34,10 +34,20 @@ from governor.request import GenerationRequest
 from governor.scope import ClientInfo, RequestScope
 from governor.settings import Settings
 from governor.stream.relay import Relay, RelayStats
-from governor.stream.response import SSEResponse
-from governor.target import AdapterResolver, Target
+from governor.target import Target
 
-__all__ = ["ClientInfo", "GenerationService", "ReadyProbe", "RequestScope"]
+__all__ = ["Answer", "ClientInfo", "GenerationService", "ReadyProbe", "RequestScope"]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the service answers, for the HTTP edge to send: a JSON body, or server-sent events and what to
+    run once they end, however they end (the scope's close: usage recorded, leases given back)."""
+
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    on_close: Callable[[], None] | None = None
 
 
 class GenerationService:
@@ -47,35 +57,23 @@ class GenerationService:
         self,
         settings: Settings,
         pool: EnginePool,
-        policy: Callable[[], Policy],
+        policy: Policy,
         metrics: GatewayMetrics,
-        adapters: AdapterResolver | None = None,
+        catalog: ModelCatalog,
         quotas: Quotas | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
-        self.adapters = adapters
+        self.catalog = catalog
         self.quotas = quotas
 
     def scope(self, endpoint: Endpoint, client: ClientInfo) -> RequestScope:
         """The scope one request runs in (opened by the route before it parses the body, so a 400 counts)."""
         return RequestScope(endpoint, client, self.metrics, self.settings.request_timeout)
 
-    async def resolve(self, name: str, wait: float | None = None) -> Target:
-        """The target `name` names; an adapter not in the engines is loaded, waiting up to `wait` s for room."""
-        base = self.pool.served_model
-        if name == base:
-            return Target(public_name=name, upstream_model=name)
-        if self.adapters is not None:
-            target = await self.adapters.target(name, wait)
-            if target is not None:
-                return target
-        known = f" Available: '{base}'." if base else ""
-        raise ModelNotFound(f"The model '{name}' does not exist.{known}", param="model")
-
-    async def generate(self, scope: RequestScope, req: GenerationRequest) -> Response:
+    async def generate(self, scope: RequestScope, req: GenerationRequest) -> Answer:
         """Serve one typed request; a client that leaves before its answer is ready aborts it upstream."""
         scope.apply_timeout()
         return await _until_disconnect(scope, self._generate(scope, req))
@@ -92,7 +90,7 @@ class GenerationService:
         if scope.quota is not None:
             scope.prompt_estimate = req.prompt_estimate()
 
-    async def _generate(self, scope: RequestScope, req: GenerationRequest) -> Response:
+    async def _generate(self, scope: RequestScope, req: GenerationRequest) -> Answer:
         seqs = req.sequences()
         if seqs > self.pool.max_in_flight:
             raise InvalidRequest(
@@ -101,14 +99,14 @@ class GenerationService:
                 code="too_many_sequences",
             )
         self._admit_quota(scope, req)  # before any work: a 429 costs nothing
-        target = await self.resolve(req.model, min(self.settings.adapter_wait_seconds, scope.remaining()))
+        target = await self.catalog.resolve(req.model, min(self.settings.adapter_wait_seconds, scope.remaining()))
         scope.hold(target)
         scope.label = self.metrics.model_label(target.public_name)
         salt = None
         if self.settings.cache_salt_per_key and self.settings.api_keys and scope.client.key:
             # the engine's prefix cache is shared only between requests of one key (its hash, not its text)
             salt = Quotas.client_id(scope.client.key, None)
-        call = req.to_upstream(self.policy(), target, salt)
+        call = req.to_upstream(self.policy, target, salt)
         scope.admitted()
         scope.answer_is_usage = not call.stream
         upstream = await self._open_any(scope, target, call.body, seqs)
@@ -128,7 +126,7 @@ class GenerationService:
             finally:
                 scope.record(relay.stats)
             data["model"] = target.public_name
-            return Response(orjson.dumps(data), media_type="application/json", headers=headers)
+            return Answer(headers, orjson.dumps(data))
         scope.first_token()  # vLLM's non-streamed answer gives no first-token signal: running from here
         return await _passthrough(scope, upstream, target, headers)
 
@@ -195,7 +193,7 @@ class _Held(contextlib.AbstractContextManager[None]):
         self.lease.__exit__(None, None, None)
 
 
-async def _until_disconnect(scope: RequestScope, work: Coroutine[Any, Any, Response]) -> Response:
+async def _until_disconnect(scope: RequestScope, work: Coroutine[Any, Any, Answer]) -> Answer:
     """Run `work` while watching the client: if it leaves first, `work` is cancelled (which closes the
     upstream connection, so vLLM aborts the generation) and the request ends as 499."""
     task = asyncio.ensure_future(work)
@@ -213,8 +211,8 @@ async def _until_disconnect(scope: RequestScope, work: Coroutine[Any, Any, Respo
             await asyncio.gather(watch, return_exceptions=True)
 
 
-def _stream_response(scope: RequestScope, relay: Relay, target: Target) -> SSEResponse:
-    """The streaming response; it owns the scope from here and closes it once the stream ends."""
+def _stream_response(scope: RequestScope, relay: Relay, target: Target) -> Answer:
+    """The streamed answer; it owns the scope from here and closes it once the stream ends."""
     rename = target.upstream_model != target.public_name
     old = f'"model":"{target.upstream_model}"'.encode()
     new = f'"model":"{target.public_name}"'.encode()
@@ -234,10 +232,10 @@ def _stream_response(scope: RequestScope, relay: Relay, target: Target) -> SSERe
         scope.record(relay.stats)
         close_scope()
 
-    return SSEResponse(body(), headers={"X-Request-Id": scope.request_id}, on_close=close)
+    return Answer({"X-Request-Id": scope.request_id}, stream=body(), on_close=close)
 
 
-async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, headers: dict[str, str]) -> Response:
+async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, headers: dict[str, str]) -> Answer:
     """vLLM's own non-streaming answer (tools, structured output, echo…), relayed as it is."""
     try:
         raw = await upstream.read()
@@ -253,7 +251,7 @@ async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, 
     if target.upstream_model != target.public_name:
         data["model"] = target.public_name
         raw = orjson.dumps(data)
-    return Response(raw, media_type="application/json", headers=headers)
+    return Answer(headers, raw)
 
 
 def upstream_error(status: int, raw: bytes) -> GovernorError:

@@ -28,7 +28,7 @@ async def test_v1_errors_name_no_server_path(gateway: GatewayFactory) -> None:
 
 async def test_models_hide_merge_paths_from_user_keys(gateway: GatewayFactory) -> None:
     gw = await gateway(api_keys=USER, admin_key=ADMIN)
-    gw.app.state.model_provenance = {
+    gw.app.state.catalog.provenance = {
         "base_model": "SmolLM2-135M-Instruct", "base_path": "/srv/models/smollm2", "adapter": "support",
         "adapter_path": "/srv/adapters/support", "adapter_sha256": "ab" * 32, "adapter_rank": 8, "dtype": "float32",
         "merged_at": "2026-01-01T00:00:00+00:00",

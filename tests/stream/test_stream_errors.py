@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
+from governor.api.sse_response import SSEResponse
 from governor.bench.fake_engine import FAULTS, GARBAGE_EVENT
 from governor.errors import EngineUnavailable, InvalidRequest
 from governor.stream.loop_detector import LoopConfig
 from governor.stream.relay import REASONS, Relay
-from governor.stream.response import SSEResponse
 from governor.stream.sse import tail_error
 from tests.stream.test_relay import PROSE, MemoryUpstream, chat_events, drain, rechunk
 

@@ -1,4 +1,5 @@
-"""SSEResponse: streams an async iterator and stops it as soon as the client goes away."""
+"""The service's answers as Starlette responses; SSEResponse streams server-sent events and stops as soon as
+the client goes away."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from governor.errors import GovernorError
+from governor.serving import Answer
 from governor.stream.sse import DONE, error_event
 
 log = logging.getLogger("governor.stream")
@@ -71,3 +73,10 @@ class SSEResponse(Response):
         finally:
             if self.on_close is not None:
                 self.on_close()
+
+
+def to_response(answer: Answer) -> Response:
+    """A JSON answer as it is, a streamed one as server-sent events."""
+    if answer.stream is not None:
+        return SSEResponse(answer.stream, headers=answer.headers, on_close=answer.on_close)
+    return Response(answer.body, media_type="application/json", headers=answer.headers)
