@@ -70,8 +70,8 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 def app_schema(admin_key: str = ADMIN) -> dict[str, Any]:
     """Governor's OpenAPI schema, from an app built in this process: /openapi.json is off by default."""
-    from governor.app import create_app
-    from governor.bootstrap import build_policy, build_pool, build_registry
+    from governor.runtime.app import create_app
+    from governor.runtime.bootstrap import build_policy, build_pool, build_registry
     from governor.settings import Settings
 
     scratch = Path(tempfile.mkdtemp(prefix="governor-schema-"))

@@ -214,10 +214,10 @@ def check_commands(command: Any, texts: dict[str, str]) -> Checked:
 
 @pytest.fixture(scope="module")
 def governor_cli() -> Any:
-    """The `governor` command as `governor.cli:main` assembles it. main() adds the bench, eval and adapters
+    """The `governor` command as `governor.cli.main:main` assembles it. main() adds the bench, eval and adapters
     commands when it runs, so it runs here, on a private copy of the module (the shared one is left as it
     is), with `--help`: the only thing that then runs is the help text."""
-    spec = importlib.util.find_spec("governor.cli")
+    spec = importlib.util.find_spec("governor.cli.main")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

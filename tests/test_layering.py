@@ -2,10 +2,10 @@
 lower ones, including imports inside functions (found by parsing, not by importing); the web framework
 only at the edge and in the composition root; torch only where tensors are the job.
 
-Layers, bottom up: 0 foundation (settings, errors, what a request names); 1 the engine side (engine
-processes and clients, the processors vLLM loads); 2 the domain (stream relay and loop cut, policy,
-adapters, metrics, the eval's judge); 3 the request path (service, scope, quota, readiness); 4 the edge
-(HTTP routes, the web page); 5 the composition root and commands (app, server, bootstrap, CLIs, benches).
+Layers, bottom up: 0 foundation (settings, errors, what a request names, the model's files); 1 the engine
+side (engine processes and clients, the processors vLLM loads); 2 the domain (stream relay and loop cut,
+policy, adapters, metrics, the eval's judge); 3 the request path (``serving/``); 4 the edge (HTTP routes,
+the web page); 5 the composition root (``runtime/``) and the commands (``cli/``, ``bench/``).
 """
 
 from __future__ import annotations
@@ -22,22 +22,18 @@ PACKAGE = Path(governor.__file__).parent
 # Top-level modules are listed one by one; a subpackage's modules take the longest prefix listed.
 LAYERS: dict[str, int] = {
     "governor": 0, "governor.settings": 0, "governor.errors": 0, "governor.redaction": 0,
-    "governor.endpoint": 0, "governor.target": 0, "governor.logs": 0, "governor.model_files": 0,
-    "governor.limits": 0, "governor.embedded": 0,
+    "governor.endpoint": 0, "governor.target": 0, "governor.logs": 0, "governor.model": 0,
     "governor.engine": 1, "governor.processors": 1,
     "governor.stream": 2, "governor.policy": 2, "governor.lora": 2, "governor.metrics": 2, "governor.eval": 2,
-    "governor.serving": 3, "governor.scope": 3, "governor.request": 3, "governor.quota": 3,
-    "governor.readiness": 3, "governor.catalog": 3,
+    "governor.serving": 3,
     "governor.api": 4, "governor.ui": 4,
-    "governor.app": 5, "governor.server": 5, "governor.bootstrap": 5, "governor.cli": 5, "governor.bench_cli": 5,
-    "governor.merge_cli": 5, "governor.__main__": 5, "governor.bench": 5, "governor.lora.cli": 5,
-    "governor.eval.cli": 5,
+    "governor.runtime": 5, "governor.cli": 5, "governor.bench": 5, "governor.__main__": 5,
 }  # fmt: skip
 WEB = {"fastapi", "starlette", "uvicorn"}
-WEB_ALLOWED = ("governor.api", "governor.app", "governor.server")
+WEB_ALLOWED = ("governor.api", "governor.runtime")
 TORCH = {"torch", "triton"}
-TORCH_ALLOWED = ("governor.processors", "governor.lora.merge", "governor.bench", "governor.bench_cli",
-                 "governor.embedded", "governor.engine.vllm_fixes")  # fmt: skip
+TORCH_ALLOWED = ("governor.processors", "governor.lora.merge", "governor.bench", "governor.cli.bench",
+                 "governor.model.embedded", "governor.engine.vllm_fixes")  # fmt: skip
 
 
 def module_names() -> dict[str, Path]:
@@ -117,11 +113,11 @@ def test_every_module_imports_only_its_layer_or_lower(sources: dict[str, str]) -
 @pytest.mark.parametrize(
     ("module", "planted"),
     [
-        ("governor.lora.registry", "import governor.serving\n"),  # upward, at module level
+        ("governor.lora.registry", "import governor.serving.service\n"),  # upward, at module level
         ("governor.engine.pool", "def later():\n    from governor.lora.registry import AdapterRegistry\n"),  # lazy
         ("governor.stream.relay", "from governor.api import deps\n"),
         ("governor.policy.builder", "def f():\n    import fastapi\n"),
-        ("governor.serving", "import torch\n"),
+        ("governor.serving.service", "import torch\n"),
     ],
 )
 def test_a_planted_upward_or_lazy_import_fails(sources: dict[str, str], module: str, planted: str) -> None:

@@ -1,3 +1,3 @@
-from governor.cli import main
+from governor.cli.main import main
 
 main()

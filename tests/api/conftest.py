@@ -12,14 +12,14 @@ import pytest_asyncio
 from aiohttp import web
 from fastapi import FastAPI
 
-from governor.app import create_app
 from governor.bench.fake_engine import FakeEngine, serve
-from governor.bootstrap import build_policy
 from governor.engine.pool import EnginePool
 from governor.engine.process import free_port
 from governor.engine.remote import RemoteEngine
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.registry import AdapterRegistry
+from governor.runtime.app import create_app
+from governor.runtime.bootstrap import build_policy
 from governor.settings import Settings
 from tests.lora.factory import BASE_DIR
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from governor.bench.fake_engine import FakeEngine
-from governor.quota import Quotas
+from governor.serving.quota import Quotas
 from tests.api.conftest import USER, Gateway, GatewayFactory, chat_body
 from tests.api.test_request_path import bearer, served, wait_until
 

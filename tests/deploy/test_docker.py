@@ -66,7 +66,7 @@ def _source(path: Path) -> bool:
 
 def test_dockerignore_keeps_the_package_and_drops_local_state() -> None:
     rules = _dockerignore()
-    for kept in ("pyproject.toml", "README.md", "server/governor/cli.py", "server/governor/policy/__init__.py"):
+    for kept in ("pyproject.toml", "README.md", "server/governor/cli/main.py", "server/governor/policy/__init__.py"):
         assert not _excluded(kept, rules), f"{kept} must reach the build context"
     for dropped in (".venv/bin/python", ".git/HEAD", "results/x.json", "server/governor/__pycache__/cli.pyc",
                     "tests/conftest.py", "adapters/README.md"):  # fmt: skip
@@ -93,7 +93,7 @@ def test_copy_sources_exist_and_reach_the_context(dockerfile: Dockerfile) -> Non
 def test_entrypoint_is_governor_serve(dockerfile: Dockerfile) -> None:
     entry = dockerfile.exec_form("ENTRYPOINT")
     assert entry == ["governor", "serve"]
-    assert PYPROJECT["project"]["scripts"]["governor"] == "governor.cli:main"
+    assert PYPROJECT["project"]["scripts"]["governor"] == "governor.cli.main:main"
 
 
 def _governor_commands(dockerfile: Dockerfile) -> list[list[str]]:

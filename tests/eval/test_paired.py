@@ -10,8 +10,9 @@ import numpy as np
 import typer
 from typer.testing import CliRunner
 
-from governor.eval import cli, paired, report
+from governor.cli import eval as cli
 from governor.eval import loops as ev
+from governor.eval import paired, report
 
 FACTS = ev.load_prompts(categories=["fact"])[:10]
 STORY = ev.load_prompts(categories=["story"])[0]

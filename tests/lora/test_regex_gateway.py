@@ -13,14 +13,14 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from governor.app import create_app
 from governor.bench.fake_engine import serve
-from governor.bootstrap import build_policy
 from governor.engine.pool import EnginePool
 from governor.engine.process import free_port
 from governor.engine.remote import RemoteEngine
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.registry import AdapterRegistry
+from governor.runtime.app import create_app
+from governor.runtime.bootstrap import build_policy
 from tests.lora.factory import BASE_DIR, AdapterFactory, edit_config
 from tests.lora.fixtures import CountingEngine, make_settings, wait_until
 

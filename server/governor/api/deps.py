@@ -12,8 +12,8 @@ from fastapi import Depends, Request
 from governor.api import auth
 from governor.api.auth import presented_key
 from governor.engine.pool import EnginePool
-from governor.readiness import Readiness
-from governor.serving import ClientInfo, GenerationService
+from governor.serving.readiness import Readiness
+from governor.serving.service import ClientInfo, GenerationService
 from governor.settings import Settings
 
 

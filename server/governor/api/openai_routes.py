@@ -12,9 +12,9 @@ from governor.api.auth import presented_key
 from governor.api.body import read_json
 from governor.api.deps import ClientDep, ServiceDep, SettingsDep, user_auth
 from governor.api.sse_response import to_response
-from governor.catalog import ModelCatalog
 from governor.endpoint import ENDPOINTS, Kind
-from governor.request import ChatCompletionRequest, CompletionRequest, parse_request
+from governor.serving.catalog import ModelCatalog
+from governor.serving.request import ChatCompletionRequest, CompletionRequest, parse_request
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from governor.errors import GovernorError
-from governor.serving import Answer
+from governor.serving.service import Answer
 from governor.stream.sse import DONE, error_event
 
 log = logging.getLogger("governor.stream")

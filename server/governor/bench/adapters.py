@@ -27,9 +27,9 @@ import aiohttp
 from governor.bench.gateway import PROMPT, Pair, _wait_ready, interleaved
 from governor.bench.load import LoadResult
 from governor.bench.processes import spawned
-from governor.bootstrap import resolve_model
 from governor.engine.flags import detect_device, engine_command, engine_env
 from governor.engine.process import free_port
+from governor.runtime.bootstrap import resolve_model
 from governor.settings import Settings
 
 RANK = 16

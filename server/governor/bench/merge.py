@@ -17,10 +17,10 @@ from pathlib import Path
 
 from governor.bench.gateway import PROMPT, Pair, _wait_ready, interleaved
 from governor.bench.processes import spawned
-from governor.bootstrap import resolve_model
 from governor.engine.flags import detect_device, engine_command, engine_env
 from governor.engine.process import free_port
 from governor.lora.merge import plan_merge, run_merge
+from governor.runtime.bootstrap import resolve_model
 from governor.settings import Settings
 
 ADAPTER = "bench-adapter"

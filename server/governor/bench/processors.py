@@ -20,9 +20,9 @@ from pathlib import Path
 from governor.bench.gateway import PROMPT, _wait_ready, interleaved
 from governor.bench.load import run_load
 from governor.bench.processes import spawned
-from governor.bootstrap import build_policy, resolve_model
 from governor.engine.flags import PROCESSORS, detect_device, engine_command, engine_env
 from governor.engine.process import free_port
+from governor.runtime.bootstrap import build_policy, resolve_model
 from governor.settings import Settings
 
 MEMORY_FLAG = "--gpu-memory-utilization"

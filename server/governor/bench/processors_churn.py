@@ -353,7 +353,7 @@ def run(settings: Any, device_name: str, batches: Sequence[int], prompt: int, ou
         steps: int, presets: Sequence[str], threads: int, reps: int) -> Iterator[str]:  # fmt: skip
     """Per preset: human lines, one JSON line with host_scaling, one comparing the two sets at the
     largest batch and the model's vocabulary (``output``: the steady rows' output so far)."""
-    from governor.bootstrap import resolve_model
+    from governor.runtime.bootstrap import resolve_model
 
     if threads:
         torch.set_num_threads(threads)  # one thread by default, as processors_synthetic.run explains

@@ -139,7 +139,7 @@ def step_ms(classes: Sequence[type], xargs: dict[str, object], shape: Shape, dev
 
 def set_xargs(settings: Any, model_dir: Any) -> dict[str, dict[str, object]]:
     """Engine arguments of the `balanced` and `strict` presets, as the policy builds them."""
-    from governor.bootstrap import build_policy
+    from governor.runtime.bootstrap import build_policy
 
     policy = build_policy(settings, model_dir)
     out = {}
@@ -175,7 +175,7 @@ def run(settings: Any, device_name: str, batches: Sequence[int], prompt: int, ou
         scaling_only: bool = False, scaling_reps: int = 3) -> Iterator[str]:  # fmt: skip
     """Human lines, then one JSON line with every per-step time and python_scaling
     (``scaling_only``: only the python_scaling shapes, a few seconds)."""
-    from governor.bootstrap import resolve_model
+    from governor.runtime.bootstrap import resolve_model
 
     device = torch.device(device_name)
     if threads:

@@ -13,8 +13,8 @@ from governor.endpoint import CHAT
 from governor.errors import InvalidRequest
 from governor.logs import FieldsFormatter
 from governor.metrics.gateway import GatewayMetrics
-from governor.quota import Quotas
-from governor.scope import ClientInfo, RequestScope, request_id
+from governor.serving.quota import Quotas
+from governor.serving.scope import ClientInfo, RequestScope, request_id
 from governor.stream.relay import RelayStats
 from governor.target import Target
 

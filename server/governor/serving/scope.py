@@ -20,7 +20,7 @@ from governor.endpoint import Endpoint
 from governor.errors import ClientGone, DeadlineExceeded, GovernorError, InvalidRequest
 from governor.metrics.gateway import GatewayMetrics
 from governor.metrics.model_server import Flight
-from governor.quota import QuotaLease
+from governor.serving.quota import QuotaLease
 from governor.stream.relay import RelayStats
 from governor.target import Target
 

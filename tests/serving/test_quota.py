@@ -6,7 +6,7 @@ import pytest
 
 from governor.api.auth import presented_key
 from governor.errors import Overloaded
-from governor.quota import Quotas, key_identity
+from governor.serving.quota import Quotas, key_identity
 
 
 def test_presented_key_and_identity() -> None:

@@ -184,6 +184,6 @@ def register_soak(bench_app: typer.Typer) -> None:
 
 
 def register_eval(eval_app: typer.Typer) -> None:
-    from governor.eval.cli import register as register_loops  # the eval owns its command
+    from governor.cli.eval import register as register_loops  # the eval owns its command
 
     register_loops(eval_app)

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from governor.errors import InvalidRequest
-from governor.request import DROPPED, REFUSED, ChatCompletionRequest, CompletionRequest, parse_request
+from governor.serving.request import DROPPED, REFUSED, ChatCompletionRequest, CompletionRequest, parse_request
 from governor.settings import Settings
 
 SETTINGS = Settings()

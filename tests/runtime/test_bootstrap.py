@@ -16,15 +16,15 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from governor.app import create_app
 from governor.bench.fake_engine import FakeEngine, serve
-from governor.bootstrap import build_policy, build_pool, build_registry, resolve_model
 from governor.engine.process import free_port
 from governor.policy.tokenizer_info import TokenizerInfo
 from governor.processors import extra_args as xa
+from governor.runtime.app import create_app
+from governor.runtime.bootstrap import build_policy, build_pool, build_registry, resolve_model
 from governor.settings import Settings
 from tests.lora.factory import BASE_DIR, require_base
-from tests.test_model_files import use_hub_cache
+from tests.model.test_files import use_hub_cache
 
 COMPARED = ("stop", "stop_token_ids", "vllm_xargs")
 CHAT = {"messages": [{"role": "user", "content": "Write a poem."}], "max_tokens": 4}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from governor import cli
+from governor.cli import main as cli
 from governor.settings import Settings
 
 
@@ -17,7 +17,7 @@ from governor.settings import Settings
 def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
     """The settings `serve` would start with (nothing starts)."""
     seen: list[Settings] = []
-    monkeypatch.setattr("governor.server.run", seen.append)
+    monkeypatch.setattr("governor.runtime.server.run", seen.append)
     monkeypatch.setattr(cli.logs, "setup", lambda level: None)
     return seen
 

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from governor.lora import cli
+from governor.cli import adapters as cli
 
 ROW = {"name": "a", "state": "ready", "pinned": True, "version": 2, "in_flight": 0, "source": "api", "path": "a",
        "reason": None}  # fmt: skip

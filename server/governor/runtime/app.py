@@ -13,7 +13,6 @@ from prometheus_client import disable_created_metrics
 
 from governor.api import admin_routes, openai_routes, ops_routes, ui_routes
 from governor.api.errors import install_handlers
-from governor.catalog import ModelCatalog
 from governor.engine.pool import EnginePool
 from governor.lora.registry import AdapterRegistry
 from governor.metrics.engine import EngineScraper
@@ -21,9 +20,10 @@ from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
 from governor.metrics.model_server import ModelServerSeries
 from governor.policy.builder import Policy
-from governor.quota import Quotas
-from governor.readiness import PROBE_REQUEST, Readiness
-from governor.serving import GenerationService
+from governor.serving.catalog import ModelCatalog
+from governor.serving.quota import Quotas
+from governor.serving.readiness import PROBE_REQUEST, Readiness
+from governor.serving.service import GenerationService
 from governor.settings import Settings
 from governor.ui.status import StatusReader
 

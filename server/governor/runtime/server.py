@@ -10,12 +10,12 @@ from types import FrameType
 
 import uvicorn
 
-from governor.app import create_app
-from governor.bootstrap import build_policy, build_pool, build_registry
 from governor.engine.base import EngineClient
 from governor.engine.pool import EnginePool
-from governor.limits import check_open_files
 from governor.lora.merge import read_provenance
+from governor.runtime.app import create_app
+from governor.runtime.bootstrap import build_policy, build_pool, build_registry
+from governor.runtime.limits import check_open_files
 from governor.settings import Settings
 
 log = logging.getLogger("governor")

@@ -31,8 +31,8 @@ def register(adapters: typer.Typer) -> None:
         Serve it with `governor serve --model DIR` and GOVERNOR_LORA=false: one fine-tuned model at base
         speed. Needs about 1.5x the model's float32 size in memory (4 bytes per parameter) and 1.1x on disk.
         """
-        from governor.bootstrap import resolve_model
         from governor.lora.merge import plan_merge, run_merge
+        from governor.runtime.bootstrap import resolve_model
 
         settings = Settings(model=model) if model else Settings()
         _, served, base_dir = resolve_model(settings)

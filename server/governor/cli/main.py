@@ -45,7 +45,7 @@ def settings_from(values: dict[str, Any]) -> Settings:
 
 def serve(**values: Any) -> None:
     """Start the engine(s) and the gateway."""
-    from governor.server import run
+    from governor.runtime.server import run
 
     for name in SECRETS:
         if values.get(name) is not None:
@@ -67,7 +67,7 @@ app.command("serve")(serve)
 @model_app.command("prepare")
 def model_prepare(cache_dir: Path = typer.Option(None, help="Default: GOVERNOR_CACHE_DIR.")) -> None:
     """Download and convert the embedded model once (a no-op when it is ready)."""
-    from governor import embedded
+    from governor.model import embedded
 
     logs.setup("info")
     settings = Settings() if cache_dir is None else Settings(cache_dir=cache_dir)
@@ -78,13 +78,13 @@ def model_prepare(cache_dir: Path = typer.Option(None, help="Default: GOVERNOR_C
 @model_app.command("path")
 def model_path() -> None:
     """Print where the embedded model lives."""
-    from governor import embedded
+    from governor.model import embedded
 
     typer.echo(embedded.embedded_model_dir(Settings().cache_dir))
 
 
 def main() -> None:
-    from governor import bench_cli
+    from governor.cli import bench as bench_cli
 
     bench_cli.register(bench_app)
     bench_cli.register_processors(bench_app)
@@ -92,8 +92,8 @@ def main() -> None:
     bench_cli.register_adapters(bench_app)
     bench_cli.register_soak(bench_app)
     bench_cli.register_eval(eval_app)
-    from governor import merge_cli
-    from governor.lora import cli as lora_cli
+    from governor.cli import adapters as lora_cli
+    from governor.cli import merge as merge_cli
 
     merge_cli.register(lora_cli.register(app))
     app(prog_name="governor")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from governor.limits import FD_MARGIN, fds_needed
+from governor.runtime.limits import FD_MARGIN, fds_needed
 from governor.settings import Settings
 
 # Runs in a fresh interpreter: lowers soft (and maybe hard) first, as a service manager would, then starts
@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     soft, hard = int(sys.argv[1]), int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-    from governor.limits import check_open_files
+    from governor.runtime.limits import check_open_files
     from governor.settings import Settings
     limit = check_open_files(Settings(**json.loads(sys.argv[3])))
     child = subprocess.run([sys.executable, "-c",

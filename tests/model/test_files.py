@@ -7,7 +7,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from governor.model_files import local_model_dir
+from governor.model.files import local_model_dir
 
 
 def use_hub_cache(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
