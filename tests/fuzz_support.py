@@ -80,7 +80,8 @@ def app_schema(admin_key: str = ADMIN) -> dict[str, Any]:
         settings = Settings(engine_url=["http://127.0.0.1:9"], admin_key=admin_key, watch_adapters=False,
                             adapters_dir=scratch / "adapters", state_dir=scratch / "state")  # fmt: skip
         pool, model_dir = build_pool(settings)  # nothing starts: the schema only needs the routes
-        app = create_app(settings, pool, build_policy(settings, model_dir), build_registry(settings, pool, model_dir))
+        policy = build_policy(settings, model_dir)
+        app = create_app(settings, pool, policy, build_registry(settings, pool, model_dir, policy))
         return app.openapi()
     finally:
         logging.disable(logging.NOTSET)

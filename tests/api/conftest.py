@@ -66,7 +66,9 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         )
         model_dir = BASE_DIR if (BASE_DIR / "tokenizer.json").exists() else None
         policy = build_policy(settings, model_dir)
-        registry = AdapterRegistry(settings, pool, BaseModelInfo.unknown("fake-model"))
+        registry = AdapterRegistry(
+            settings, pool, BaseModelInfo.unknown("fake-model"), compile_profile=policy.compile_profile
+        )
         app = create_app(settings, pool, policy, registry)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()

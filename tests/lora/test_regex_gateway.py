@@ -37,7 +37,8 @@ async def test_catastrophic_regex_dropped_in_watched_folder(
     settings = make_settings(tmp_path, watch_adapters=True)
     settings.adapters_dir.mkdir()
     pool = EnginePool([RemoteEngine("fake-0", f"http://127.0.0.1:{engine_port}")], 100)
-    registry = AdapterRegistry(settings, pool, base_info)
+    policy = build_policy(settings, BASE_DIR)
+    registry = AdapterRegistry(settings, pool, base_info, compile_profile=policy.compile_profile)
     handled: dict[str, float] = {}  # name → when the watcher handed the folder to the registry
     real_folder_changed = registry.folder_changed
 
@@ -46,7 +47,7 @@ async def test_catastrophic_regex_dropped_in_watched_folder(
         await real_folder_changed(name)
 
     registry.folder_changed = folder_changed  # type: ignore[method-assign]
-    app = create_app(settings, pool, build_policy(settings, BASE_DIR), registry)
+    app = create_app(settings, pool, policy, registry)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())

@@ -58,7 +58,7 @@ async def _upstream_bodies(settings: Settings, fake: FakeEngine) -> tuple[list[d
     # build_pool asks the engine synchronously (it runs before the event loop in `governor serve`).
     pool, model_dir = await asyncio.to_thread(build_pool, settings)
     policy = build_policy(settings, model_dir)
-    app = create_app(settings, pool, policy, build_registry(settings, pool, model_dir))
+    app = create_app(settings, pool, policy, build_registry(settings, pool, model_dir, policy))
     async with app.router.lifespan_context(app):
         assert await pool.engines[0].wait_ready(10)  # type: ignore[attr-defined]
         transport = httpx.ASGITransport(app=app)

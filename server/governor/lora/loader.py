@@ -46,6 +46,7 @@ class AdapterLoader:
         *,
         fetcher: ObjectFetcher,
         wait_seconds: float = 60.0,
+        compile_profile: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         self.pool = pool
         self.validator = validator
@@ -61,9 +62,9 @@ class AdapterLoader:
         # Called between validation and the engine load; tests widen that window with it.
         self.after_validation: Callable[[ValidatedAdapter], Awaitable[None]] | None = None
         self.numbers: dict[str, int] = {}  # last version number per name: internal names are never reused
-        # Set by the composition root to the policy's compile_profile: a bad governor.json fails the
-        # adapter when it loads, with the reason, instead of every request to it.
-        self.compile_profile: Callable[[dict[str, Any]], object] | None = None
+        # The policy's compile_profile: a bad governor.json fails the adapter when it loads, with the
+        # reason, instead of every request to it (None: profiles are checked per request).
+        self.compile_profile = compile_profile
         self._slots = asyncio.Lock()
         self._room = asyncio.Event()  # set (and replaced) whenever room may have appeared
         self.waiting_for_room = 0  # loads waiting now for an engine slot

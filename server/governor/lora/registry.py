@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,9 @@ class AdapterRegistry(AdapterCatalog):
         pool: EnginePool,
         base: BaseModelInfo,
         metrics_registry: CollectorRegistry | None = None,
+        compile_profile: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
+        """``compile_profile``: the policy's, so a bad governor.json fails its adapter when it loads."""
         self.settings = settings
         self.pool = pool
         self.base = base
@@ -84,6 +86,7 @@ class AdapterRegistry(AdapterCatalog):
                 [(m.name, m.limit, m.required) for m in self.validator.members],
             ),
             wait_seconds=settings.adapter_wait_seconds,
+            compile_profile=compile_profile,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: AdapterWatcher | None = None

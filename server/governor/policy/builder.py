@@ -248,7 +248,7 @@ class Policy:
                 compiled = profile.profile
                 ckey = (kind, name, profile.key)
                 return self._cache.get(ckey) or self._new_plan(ckey, kind, name, lambda: compiled)
-            profile = profile.raw  # compiled by a policy since replaced (presets reloaded)
+            profile = profile.raw  # compiled by another Policy (two gateways in one process, tests): parsed again
         try:
             pkey: bytes | None = None if not profile else orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
         except TypeError as exc:

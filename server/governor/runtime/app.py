@@ -84,8 +84,6 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         degraded=policy.info.degraded(),
     )
     quotas = Quotas(settings.key_rpm, settings.key_tpm, settings.key_concurrency, settings.address_concurrency)
-    if registry is not None:  # adapter profiles are compiled (and refused) when an adapter loads
-        registry.loader.compile_profile = policy.compile_profile
     app.state.service = GenerationService(settings, pool, policy, metrics, catalog, quotas)
     install_handlers(app)
     _document_request_models(app)

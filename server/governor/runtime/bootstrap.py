@@ -111,7 +111,8 @@ def model_profile(model_dir: Path | None) -> dict[str, Any] | None:
     return data
 
 
-def build_registry(settings: Settings, pool: EnginePool, model_dir: Path | None) -> AdapterRegistry:
-    """Built even with LoRA off, so /admin and adapter requests can say why adapters are unavailable."""
+def build_registry(settings: Settings, pool: EnginePool, model_dir: Path | None, policy: Policy) -> AdapterRegistry:
+    """Built even with LoRA off, so /admin and adapter requests can say why adapters are unavailable; the
+    policy compiles (and refuses) an adapter's profile when the adapter loads."""
     base = BaseModelInfo.detect(model_dir, settings.served_model_name or pool.served_model)
-    return AdapterRegistry(settings, pool, base)
+    return AdapterRegistry(settings, pool, base, compile_profile=policy.compile_profile)

@@ -55,7 +55,7 @@ def run(settings: Settings) -> None:
     check_open_files(settings)  # before any engine starts: they inherit the raised limit
     pool, model_dir = build_pool(settings)
     policy = build_policy(settings, model_dir)
-    registry = build_registry(settings, pool, model_dir)
+    registry = build_registry(settings, pool, model_dir, policy)
     app = create_app(settings, pool, policy, registry=registry, provenance=read_provenance(model_dir))
     url = f"http://{settings.host}:{settings.port}/v1"
     announced: set[str] = set()
