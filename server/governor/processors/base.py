@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+import numpy as np
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 
 RowT = TypeVar("RowT")
 _ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
+
+
+def int64s(values: Sequence[int]) -> np.ndarray:
+    """A list of ints (token ids, lengths) as an int64 array, through ``array``: several times faster than
+    numpy's own walk over a list of Python ints."""
+    return np.frombuffer(array("q", values), dtype=np.int64)
 
 
 def settled_length(tokens: Sequence[int]) -> int:

@@ -13,7 +13,6 @@ and the rows that did not simply gain one token (found with numpy, handled one b
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 from itertools import compress
 from operator import add, itemgetter, ne
@@ -21,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from governor.processors.base import settled_length
+from governor.processors.base import int64s, settled_length
 from governor.processors.request_configs import RequestConfig, RequestConfigs
 
 # Stands in for the output of a row without a request in the steady step's passes: always two
@@ -217,7 +216,7 @@ class BatchRows:
         one = part.copy()
         one[np.fromiter(odd, dtype=np.int64, count=len(odd))] = False
         rows = np.flatnonzero(one)
-        tokens = np.frombuffer(array("q", newest), dtype=np.int64)[rows]
+        tokens = int64s(newest)[rows]
         # Rows that gained one token (and idle rows, whose stand-in output never changes) now hold
         # their whole output; the odd rows are set below.
         consumed, last, old_consumed, old_last = lengths, newest, self.consumed, self.last
@@ -254,7 +253,7 @@ class BatchRows:
         self.expect = list(map(add, consumed, self.grows))
         self.fresh = {row for row in odd if part[row] and not consumed[row]}
         self.rewrite.clear()
-        kept = self.prompt_len[:n] + np.frombuffer(array("q", consumed), dtype=np.int64)
+        kept = self.prompt_len[:n] + int64s(consumed)
         longest = int(kept[part].max(initial=0))
         return Settled(rows, tokens, rewrite, advanced, longest)
 

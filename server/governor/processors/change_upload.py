@@ -10,11 +10,10 @@ plus a few Python calls per rewritten row.
 
 from __future__ import annotations
 
-from array import array
-
 import numpy as np
 import torch
 
+from governor.processors.base import int64s
 from governor.processors.batch_rows import BatchRows, Settled
 from governor.processors.cells import NEVER
 from governor.processors.request_configs import FLAGS, RequestConfigs, comparable
@@ -92,7 +91,7 @@ def send_change(
     cell_rows = np.concatenate([step.appended_rows, np.repeat(rewritten, lengths)])
     put("rows", cell_rows)
     put("columns", np.concatenate([np.full(appended, now), now + 1 - np.repeat(lengths, lengths) + within]))
-    tokens = np.concatenate([step.appended_tokens, *(_ints(segment) for segment in segments)])
+    tokens = np.concatenate([step.appended_tokens, *map(int64s, segments)])
     prompt_cells = within < np.repeat(batch.prompt_len[rewritten], lengths)
     in_prompt = np.concatenate([np.zeros(appended, dtype=bool), prompt_cells])
     values = layout.host(host, "values").reshape(WRITTEN, cells)
@@ -129,11 +128,6 @@ def send_change(
     if look_ngram and widths.ngram:
         suffix = layout.device(staged, "ngram_suffix").view(-1, look_ngram)
         history.rebuild(rebuilt, suffix, NGRAM_KEY, widths.ngram)
-
-
-def _ints(tokens: list[int]) -> np.ndarray:
-    """A list of token ids as int64 (through ``array``: several times faster than numpy's own list walk)."""
-    return np.frombuffer(array("q", tokens), dtype=np.int64)
 
 
 def _suffixes(keys: np.ndarray, starts: np.ndarray, lengths: np.ndarray, look: int) -> np.ndarray:
