@@ -20,6 +20,7 @@ class LoadResult:
     events: int = 0
     output_tokens: int = 0
     ttfts: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # between a stream's successive reads after the first
 
     @property
     def tokens_per_second(self) -> float:
@@ -34,6 +35,11 @@ class LoadResult:
         return statistics.median(self.ttfts) if self.ttfts else float("nan")
 
     @property
+    def gap_p50(self) -> float:
+        """Inter-token p50 as a client sees it: the median time between a stream's reads."""
+        return statistics.median(self.gaps) if self.gaps else float("nan")
+
+    @property
     def ttft_p99(self) -> float:
         return statistics.quantiles(self.ttfts, n=100)[98] if len(self.ttfts) > 1 else float("nan")
 
@@ -41,8 +47,10 @@ class LoadResult:
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
                result: LoadResult) -> None:  # fmt: skip
     start = time.perf_counter()
-    first = None
+    first: float | None = None
+    last = 0.0
     tail = b""
+    gaps: list[float] = []
     try:
         async with session.post(url, data=body, headers=headers) as resp:
             if resp.status != 200:
@@ -50,8 +58,12 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                 result.errors += 1
                 return
             async for chunk in resp.content.iter_any():
+                now = time.perf_counter()
                 if first is None:
-                    first = time.perf_counter()
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
                 result.events += chunk.count(b"\n\n")
                 tail = (tail + chunk)[-4096:]
     except (aiohttp.ClientError, OSError):
@@ -61,6 +73,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         result.errors += 1
         return
     result.requests += 1
+    result.gaps += gaps
     if first is not None:
         result.ttfts.append(first - start)
     # The usage chunk is the last event before [DONE].

@@ -23,10 +23,22 @@ def register(bench_app: typer.Typer) -> None:
         relay_concurrency: int = typer.Option(32, help="Streams in the relay mode."),
         waves: int = typer.Option(2, min=1, help="Requests per run = waves x concurrency."),
         relay_requests: int = typer.Option(0, help="Requests per relay run (0 = 2 x relay concurrency)."),
+        cpu: bool = typer.Option(False, help="The gateway's CPU per event vs the API server's, on a real engine."),
+        cpu_preset: list[str] = typer.Option(["off", "balanced"], help="Presets of the --cpu mode (repeatable)."),
+        cpu_tokens: int = typer.Option(256, help="Tokens per stream in the --cpu mode."),
+        profile: bool = typer.Option(False, help="--cpu: also sample the gateway with py-spy (one more run)."),
     ) -> None:
-        """Gateway vs direct vLLM (throughput ratio, TTFT delta) and relay capacity vs a fake engine."""
+        """Gateway vs direct vLLM (throughput ratio, TTFT delta) and relay capacity vs a fake engine;
+        --cpu: the gateway's CPU per event vs vLLM's API server, both measured in the same runs."""
         from governor.bench import gateway as bench
 
+        if cpu:
+            from governor.bench import relay_cpu
+            from governor.settings import Settings
+
+            for line in relay_cpu.run(Settings(), concurrency, cpu_preset, cpu_tokens, reps, waves, profile):
+                typer.echo(line)
+            return
         if gateway_url and engine_url:
             for c in concurrency:
                 typer.echo(asyncio.run(bench.engine_bench(gateway_url, engine_url, model, c, reps, preset, waves)))
