@@ -66,6 +66,7 @@ class FakeEngine:
         self.active = 0
         self.loaded: dict[str, str] = {}
         self.peers: list[object] = []  # client address of each generation request (connection reuse)
+        self.health_checks = 0
         self.app = web.Application()
         self.app.add_routes([
             web.get("/health", self.health), web.get("/v1/models", self.models), web.get("/metrics", self.metrics),
@@ -74,6 +75,7 @@ class FakeEngine:
         ])  # fmt: skip
 
     async def health(self, _: web.Request) -> web.Response:
+        self.health_checks += 1
         return web.Response(text="")
 
     async def models(self, _: web.Request) -> web.Response:

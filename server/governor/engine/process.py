@@ -219,7 +219,7 @@ class VllmProcess(RemoteEngine):
                 await self._pause(until=exited)
                 if exited.done():
                     return
-                healthy = await self.health(timeout=2.0)
+                healthy = await self.checked_health(timeout=2.0)
                 self._check_now.clear()  # failures seen while this check ran are answered by it
                 failures = 0 if healthy else failures + 1
                 if failures >= HEALTH_FAILURES_DOWN:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -63,16 +64,19 @@ def safe_to_resend(exc: BaseException, attempt: _Attempt) -> bool:
 
 
 class HttpUpstream:
-    """An open aiohttp response to relay."""
+    """An open aiohttp response to relay; each read tells its engine it was heard from."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, engine: RemoteEngine) -> None:
         self._response = response
+        self._engine = engine
         self.status = response.status
 
     async def chunks(self) -> AsyncIterator[bytes]:
         # iter_any hands over whatever bytes have arrived: several SSE events per read under load,
         # which is what keeps the relay's per-event cost low.
+        engine = self._engine
         async for data in self._response.content.iter_any():
+            engine.heard_at = time.monotonic()
             yield data
 
     async def read(self) -> bytes:
@@ -106,6 +110,7 @@ class RemoteEngine:
         self.state = EngineState.STARTING
         self.outstanding = 0
         self.generation = 0
+        self.heard_at = -HEALTH_INTERVAL  # monotonic time of the latest streamed bytes from this engine
         self._hooks: list[ReadyHook] = []
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
@@ -231,10 +236,23 @@ class RemoteEngine:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    async def checked_health(self, timeout: float = 2.0) -> bool:
+        """The watcher's check: a health request, unless a stream from this ready engine brought bytes within
+        the last interval (vLLM streams only while its engine core runs, so that is a passed check, and under
+        load the gateway and the engine's API server stop paying for two requests a second each). A suspected
+        failure (`suspect`) always asks; an engine that stops streaming is asked again within an interval."""
+        if (
+            self.state == EngineState.READY
+            and not self._check_now.is_set()
+            and time.monotonic() - self.heard_at < HEALTH_INTERVAL
+        ):
+            return True
+        return await self.health(timeout)
+
     async def _watch_health(self) -> None:
         failures = 0
         while self.state != EngineState.STOPPED:
-            ok = await self.health()
+            ok = await self.checked_health()
             self._check_now.clear()  # failures seen while this check ran are answered by it
             if ok:
                 failures = 0
@@ -284,7 +302,7 @@ class RemoteEngine:
         except (aiohttp.ClientError, OSError) as exc:
             self.suspect(f"request failed: {exc!r}")
             raise EngineUnavailable(f"Engine '{self.name}' is not reachable; retry shortly.") from exc
-        return HttpUpstream(response)
+        return HttpUpstream(response, self)
 
     async def request_json(
         self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0
