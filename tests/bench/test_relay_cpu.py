@@ -63,6 +63,12 @@ def test_report_gives_the_ratio_the_idle_and_the_latency_deltas() -> None:
     assert "inter-token p50 gateway 20.00 ms (direct 20.00, +0.00)" in line
 
 
+def test_local_mode_reports_the_gateway_latency_without_a_direct_side() -> None:
+    me = psutil.Process()
+    line = report(Meter(me, me), "off", Side(), Side([_run(1000, 1.0, 0.03, 0.1, 500)]))
+    assert "TTFT p50 gateway 100.0 ms; inter-token p50 gateway 20.00 ms (no direct side: local mode)" in line
+
+
 @pytest.mark.parametrize(
     ("leaf", "expected"),
     [

@@ -48,10 +48,11 @@ def wakeups(proc: psutil.Process) -> int:
 
 
 def child(watchdog: psutil.Process, marker: str) -> psutil.Process:
-    """The process under a watchdog whose command line contains `marker`."""
+    """The process under a watchdog whose command line contains `marker` (not a watchdog naming it)."""
     for proc in watchdog.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if marker in " ".join(proc.cmdline()):
+            cmdline = " ".join(proc.cmdline())
+            if marker in cmdline and "governor.engine.watchdog" not in cmdline:
                 return proc
     raise LookupError(f"no process with {marker!r} under {watchdog.pid}")
 
@@ -120,9 +121,6 @@ def report(meter: Meter, label: str, direct: Side, gateway: Side) -> str:
     woken = [r.gateway_wakeups / max(1, r.load.events) for r in gateway.runs]
     gross = [meter.gross(r) for r in gateway.runs]
     gross_ratios = [g / s for g, s in gross]
-    ms = 1000.0
-    ttft = (gateway.median("ttft_p50") - direct.median("ttft_p50")) * ms
-    gap = (gateway.median("gap_p50") - direct.median("gap_p50")) * ms
     errors = sum(r.load.errors for r in direct.runs + gateway.runs)
     return (
         f"{label}: gateway {_spread(gw)} µs/event (idle background {_spread(idle)} µs/event, subtracted), "
@@ -130,13 +128,21 @@ def report(meter: Meter, label: str, direct: Side, gateway: Side) -> str:
         f"ratio median {_spread(ratios, '.3f')}, n={len(ratios)}; gross (nothing subtracted): gateway "
         f"{_spread([g for g, _ in gross])}, API server {_spread([s for _, s in gross])} µs/event, "
         f"ratio {_spread(gross_ratios, '.3f')}; "
-        f"TTFT p50 gateway {gateway.median('ttft_p50') * ms:.1f} ms (direct {direct.median('ttft_p50') * ms:.1f}, "
-        f"{ttft:+.2f}); inter-token p50 gateway {gateway.median('gap_p50') * ms:.2f} ms "
-        f"(direct {direct.median('gap_p50') * ms:.2f}, {gap:+.2f}); errors {errors}"
+        f"{_latency(direct, gateway)}; errors {errors}"
     )
 
 
-async def compare(meter: Meter, engine_url: str, gateway_url: str, model: str, preset: str, concurrency: int,
+def _latency(direct: Side, gateway: Side) -> str:
+    ms = 1000.0
+    ttft, gap = gateway.median("ttft_p50") * ms, gateway.median("gap_p50") * ms
+    if not direct.runs:
+        return f"TTFT p50 gateway {ttft:.1f} ms; inter-token p50 gateway {gap:.2f} ms (no direct side: local mode)"
+    d_ttft, d_gap = direct.median("ttft_p50") * ms, direct.median("gap_p50") * ms
+    return (f"TTFT p50 gateway {ttft:.1f} ms (direct {d_ttft:.1f}, {ttft - d_ttft:+.2f}); "
+            f"inter-token p50 gateway {gap:.2f} ms (direct {d_gap:.2f}, {gap - d_gap:+.2f})")  # fmt: skip
+
+
+async def compare(meter: Meter, engine_url: str | None, gateway_url: str, model: str, preset: str, concurrency: int,
                   tokens: int, reps: int, waves: int) -> tuple[Side, Side]:  # fmt: skip
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
     through = {**body, "decoding_preset": preset}
@@ -146,32 +152,40 @@ async def compare(meter: Meter, engine_url: str, gateway_url: str, model: str, p
     for rep in range(reps):
         for side in ("direct", "gateway") if rep % 2 == 0 else ("gateway", "direct"):
             if side == "direct":
-                direct.runs.append(await meter.run(engine_url, body, concurrency, total))
+                if engine_url is not None:  # local mode: the engine is on Governor's private socket
+                    direct.runs.append(await meter.run(engine_url, body, concurrency, total))
             else:
                 gateway.runs.append(await meter.run(gateway_url, through, concurrency, total))
     return direct, gateway
 
 
 def run(settings: Settings, concurrencies: list[int], presets: list[str], tokens: int, reps: int, waves: int,
-        profile: bool) -> Iterator[str]:  # fmt: skip
+        profile: bool, local: bool = False) -> Iterator[str]:  # fmt: skip
+    """`local`: Governor starts the engine itself, on its private Unix socket (as `make serve` does); there
+    is no direct side then, only the two processes' CPU."""
     model, name, model_dir = resolve_model(settings)
     logs = Path(tempfile.mkdtemp(prefix="governor-relay-cpu-"))
     engine_port, gw_port = free_port(), free_port()
-    engine_url, gw_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gw_port}"
-    gw_env = {**os.environ, "GOVERNOR_ENGINE_URL": engine_url, "GOVERNOR_PORT": str(gw_port),
-              "GOVERNOR_MODEL": str(model_dir or model), "GOVERNOR_SERVED_MODEL_NAME": name, "GOVERNOR_LORA": "false",
-              "GOVERNOR_WATCH_ADAPTERS": "false", "GOVERNOR_LOG_LEVEL": "warning"}  # fmt: skip
+    engine_url: str | None = None if local else f"http://127.0.0.1:{engine_port}"
+    gw_url = f"http://127.0.0.1:{gw_port}"
+    gw_env = {**os.environ, "GOVERNOR_PORT": str(gw_port), "GOVERNOR_MODEL": str(model_dir or model),
+              "GOVERNOR_SERVED_MODEL_NAME": name, "GOVERNOR_LORA": "false", "GOVERNOR_WATCH_ADAPTERS": "false",
+              "GOVERNOR_LOG_LEVEL": "warning"}  # fmt: skip
+    if engine_url is not None:
+        gw_env["GOVERNOR_ENGINE_URL"] = engine_url
     yield f"engine and gateway logs in {logs}"
-    with (
-        spawned(engine_command(settings, model, name, engine_port, "cpu"), env=engine_env(settings, "cpu"),
-                log=logs / "engine.log") as engine,
-        spawned([sys.executable, "-m", "governor", "serve"], env=gw_env, log=logs / "gateway.log") as gw,
-    ):  # fmt: skip
-        asyncio.run(_wait_ready(engine_url + "/health", settings.engine_start_timeout))
-        asyncio.run(_wait_ready(gw_url + "/ready", 120))
+    with contextlib.ExitStack() as stack:
+        if engine_url is not None:
+            engine = stack.enter_context(spawned(engine_command(settings, model, name, engine_port, "cpu"),
+                                                 env=engine_env(settings, "cpu"), log=logs / "engine.log"))  # fmt: skip
+            asyncio.run(_wait_ready(engine_url + "/health", settings.engine_start_timeout))
+        gw = stack.enter_context(spawned([sys.executable, "-m", "governor", "serve"], env=gw_env,
+                                         log=logs / "gateway.log"))  # fmt: skip
+        asyncio.run(_wait_ready(gw_url + "/ready", settings.engine_start_timeout + 60))
+        under = gw if engine_url is None else engine
         meter = Meter(child(psutil.Process(gw.pid), "governor serve"),
-                      child(psutil.Process(engine.pid), "vllm.entrypoints.openai.api_server"))  # fmt: skip
-        asyncio.run(run_load(engine_url, {"model": name, "prompt": PROMPT, "max_tokens": 16}, 4, 8))
+                      child(psutil.Process(under.pid), "vllm.entrypoints.openai.api_server"))  # fmt: skip
+        asyncio.run(run_load(engine_url or gw_url, {"model": name, "prompt": PROMPT, "max_tokens": 16}, 4, 8))
         asyncio.run(meter.idle(IDLE_SECONDS))
         floor = ", ".join(f"{wakeup_cost(gap):.1f} µs every {gap * 1000:g} ms" for gap in (0.0005, 0.005))
         yield f"a bare wake-up on this machine (no work): {floor}"

@@ -27,6 +27,7 @@ def register(bench_app: typer.Typer) -> None:
         cpu_preset: list[str] = typer.Option(["off", "balanced"], help="Presets of the --cpu mode (repeatable)."),
         cpu_tokens: int = typer.Option(256, help="Tokens per stream in the --cpu mode."),
         profile: bool = typer.Option(False, help="--cpu: also sample the gateway with py-spy (one more run)."),
+        local: bool = typer.Option(False, help="--cpu: Governor starts the engine on its socket (no direct side)."),
     ) -> None:
         """Gateway vs direct vLLM (throughput ratio, TTFT delta) and relay capacity vs a fake engine;
         --cpu: the gateway's CPU per event vs vLLM's API server, both measured in the same runs."""
@@ -36,7 +37,7 @@ def register(bench_app: typer.Typer) -> None:
             from governor.bench import relay_cpu
             from governor.settings import Settings
 
-            for line in relay_cpu.run(Settings(), concurrency, cpu_preset, cpu_tokens, reps, waves, profile):
+            for line in relay_cpu.run(Settings(), concurrency, cpu_preset, cpu_tokens, reps, waves, profile, local):
                 typer.echo(line)
             return
         if gateway_url and engine_url:
