@@ -28,6 +28,7 @@ from governor.engine.process import VllmProcess, free_port
 from governor.engine.remote import HEALTH_FAILURES_DOWN, HEALTH_INTERVAL, RemoteEngine, _Attempt, safe_to_resend
 from governor.errors import EngineUnavailable
 from tests.engine.dropping_engine import DROP, DroppingFakeEngine
+from tests.engine.remote_fake import remote_to
 
 ROOT = Path(__file__).resolve().parents[2]
 # A dead engine is down after HEALTH_FAILURES_DOWN failed checks one interval apart; the rest is slack
@@ -62,16 +63,8 @@ async def generate(engine: RemoteEngine, prompt: str = "hi") -> bytes:
 @pytest_asyncio.fixture(loop_scope="function")
 async def remote() -> AsyncIterator[Remote]:
     fake = DroppingFakeEngine()
-    port = free_port()
-    runner = await serve(fake, port)
-    engine = RemoteEngine("fake-0", f"http://127.0.0.1:{port}")
-    await engine.start()
-    try:
-        assert await engine.wait_ready(10)
+    async with remote_to(fake) as (engine, runner, port):
         yield engine, fake, runner, port
-    finally:
-        await engine.stop()
-        await runner.cleanup()
 
 
 def test_what_is_resent() -> None:

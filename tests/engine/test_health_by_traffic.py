@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from governor.bench.fake_engine import FakeEngine, serve
-from governor.engine.process import free_port
+from governor.bench.fake_engine import FakeEngine
 from governor.engine.remote import HEALTH_INTERVAL, RemoteEngine
+from tests.engine.remote_fake import remote_to
 from tests.engine.test_connection_failures import body, until
 
 Served = tuple[RemoteEngine, FakeEngine]
@@ -22,16 +22,8 @@ Served = tuple[RemoteEngine, FakeEngine]
 @pytest_asyncio.fixture(loop_scope="function")
 async def served() -> AsyncIterator[Served]:
     fake = FakeEngine(delay=0.01)  # a token every 10 ms: a stream that outlasts several health intervals
-    port = free_port()
-    runner = await serve(fake, port)
-    engine = RemoteEngine("fake-0", f"http://127.0.0.1:{port}")
-    await engine.start()
-    try:
-        assert await engine.wait_ready(10)
+    async with remote_to(fake) as (engine, _, _):
         yield engine, fake
-    finally:
-        await engine.stop()
-        await runner.cleanup()
 
 
 async def _stream(engine: RemoteEngine, tokens: int) -> bytes:
