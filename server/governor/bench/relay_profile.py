@@ -89,6 +89,6 @@ def profile_run(meter: Meter, url: str, model: str, preset: str, concurrency: in
         return
     counts = buckets(out.read_text())
     total = sum(counts.values()) or 1
-    per_event = meter.per_event(run)[0] + meter.per_event(run)[2]  # py-spy sees the idle background too
+    per_event = meter.gross(run)[0]  # py-spy sees the idle background too: nothing subtracted
     parts = ", ".join(f"{name} {n / total * per_event:.1f}" for name, n in counts.most_common())
     yield f"profile {preset}, {concurrency} streams ({total} samples, {per_event:.1f} µs/event in all): {parts}"
