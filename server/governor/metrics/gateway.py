@@ -47,6 +47,11 @@ class GatewayMetrics:
         self.stream_errors = f.counter(
             "governor_stream_errors", "Responses that failed after they started, by reason.", ("reason",)
         )
+        self.relayed = f.counter(
+            "governor_relayed_requests",
+            "Requests sent to an engine, by the process relaying them (0: the owner; 1 and up: relay workers).",
+            ("worker",),
+        )
         self._known: Callable[[], Iterable[str]] = lambda: ()
         # Requests admitted to an engine, waiting or running, per adapter: the model-server series.
         self.flights = Flights()

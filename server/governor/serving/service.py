@@ -11,7 +11,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -29,14 +29,16 @@ from governor.errors import (
 from governor.metrics.gateway import GatewayMetrics
 from governor.policy.builder import Policy
 from governor.serving.catalog import ModelCatalog
+from governor.serving.plan import RelayPlan, RelayScope
 from governor.serving.quota import Quotas
 from governor.serving.request import GenerationRequest
 from governor.serving.scope import ClientInfo, RequestScope
 from governor.settings import Settings
 from governor.stream.relay import Relay, RelayStats
-from governor.target import Target
 
-__all__ = ["Answer", "ClientInfo", "GenerationService", "ReadyProbe", "RequestScope"]
+__all__ = ["Answer", "ClientInfo", "GenerationService", "ReadyProbe", "RelayPlan", "RequestScope"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ class GenerationService:
     async def generate(self, scope: RequestScope, req: GenerationRequest) -> Answer:
         """Serve one typed request; a client that leaves before its answer is ready aborts it upstream."""
         scope.apply_timeout()
-        return await _until_disconnect(scope, self._generate(scope, req))
+        return await until_disconnect(scope.client.disconnected, self._generate(scope, req))
 
     def _admit_quota(self, scope: RequestScope, req: GenerationRequest) -> None:
         if self.quotas is None:
@@ -91,6 +93,14 @@ class GenerationService:
             scope.prompt_estimate = req.prompt_estimate()
 
     async def _generate(self, scope: RequestScope, req: GenerationRequest) -> Answer:
+        plan = await self.plan(scope, req)
+        upstream = await self._open_any(scope, plan)
+        self.metrics.relayed.labels("0").inc()
+        return await respond(scope, plan, upstream, self.metrics.stream_error)
+
+    async def plan(self, scope: RequestScope, req: GenerationRequest) -> RelayPlan:
+        """Admit the request (quota, its model or adapter, the upstream body) and say how it is relayed; the
+        scope holds what admission took. An engine is not chosen yet."""
         seqs = req.sequences()
         if seqs > self.pool.max_in_flight:
             raise InvalidRequest(
@@ -109,36 +119,22 @@ class GenerationService:
         call = req.to_upstream(self.policy, target, salt)
         scope.admitted()
         scope.answer_is_usage = not call.stream
-        upstream = await self._open_any(scope, target, call.body, seqs)
-        # A collected answer is read in a loop that never waits while upstream data is buffered: give the
-        # event loop a turn per network read, or a disconnect is only seen once a backlog is parsed.
-        source = upstream if req.stream else _Yielding(upstream)
-        relay = Relay(source, kind=req.endpoint.kind, n=req.prompt_count() * req.n, loop=call.loop,
-                      client_usage=req.wants_usage, client_continuous=req.wants_continuous_usage,
-                      request_id=scope.request_id, on_error=self.metrics.stream_error,
-                      on_first_token=scope.first_token)  # fmt: skip
-        headers = {"X-Request-Id": scope.request_id}
-        if req.stream:
-            return _stream_response(scope, relay, target)
-        if call.stream:
-            try:
-                data = await relay.collect()
-            finally:
-                scope.record(relay.stats)
-            data["model"] = target.public_name
-            return Answer(headers, orjson.dumps(data))
-        scope.first_token()  # vLLM's non-streamed answer gives no first-token signal: running from here
-        return await _passthrough(scope, upstream, target, headers)
+        return RelayPlan(
+            request_id=scope.request_id, path=scope.endpoint.path, body=call.body, engines=tuple(target.engines),
+            sequences=seqs, kind=req.endpoint.kind, n=req.prompt_count() * req.n, loop=call.loop,
+            client_usage=req.wants_usage, client_continuous=req.wants_continuous_usage, stream=req.stream,
+            engine_stream=call.stream, public_name=target.public_name, upstream_model=target.upstream_model,
+        )  # fmt: skip
 
-    async def _open_any(self, scope: RequestScope, target: Target, body: dict[str, Any], seqs: int) -> Upstream:
+    async def _open_any(self, scope: RequestScope, plan: RelayPlan) -> Upstream:
         """Open on the best engine; if it cannot be reached (nothing sent yet), fail over to the next.
         The engine lease and the open response stay with the scope."""
         tried: list[str] = []
         while True:
-            lease = self.pool.admit(target.engines, exclude=tried, sequences=seqs)
+            lease = self.pool.admit(plan.engines, exclude=tried, sequences=plan.sequences)
             engine = lease.__enter__()
             try:
-                upstream = await self._open(engine, scope, body)
+                upstream = await open_upstream(engine, plan, scope.remaining())
             except BaseException as exc:
                 lease.__exit__(type(exc), exc, exc.__traceback__)
                 if not isinstance(exc, EngineUnavailable):
@@ -151,17 +147,41 @@ class GenerationService:
             scope.on_close(upstream.abort)  # runs first: the engine stops generating before the lease is freed
             return upstream
 
-    async def _open(self, engine: EngineClient, scope: RequestScope, body: dict[str, Any]) -> Upstream:
-        # A suffix keeps vLLM's ids unique even when a client reuses its X-Request-Id.
-        headers = {"X-Request-Id": f"{scope.request_id}-{uuid.uuid4().hex[:8]}"}
-        upstream = await engine.open(scope.endpoint.path, body, headers, timeout=scope.remaining())
-        if upstream.status != 200:
-            try:
-                raw = await upstream.read()
-            except Exception as exc:
-                raise from_transport(exc, started=False) from exc
-            raise upstream_error(upstream.status, raw)
-        return upstream
+
+async def open_upstream(engine: EngineClient, plan: RelayPlan, timeout: float) -> Upstream:
+    """Send the planned body to one engine; a refusal (not 200) becomes Governor's error."""
+    # A suffix keeps vLLM's ids unique even when a client reuses its X-Request-Id.
+    headers = {"X-Request-Id": f"{plan.request_id}-{uuid.uuid4().hex[:8]}"}
+    upstream = await engine.open(plan.path, plan.body, headers, timeout=timeout)
+    if upstream.status != 200:
+        try:
+            raw = await upstream.read()
+        except Exception as exc:
+            raise from_transport(exc, started=False) from exc
+        raise upstream_error(upstream.status, raw)
+    return upstream
+
+
+async def respond(scope: RelayScope, plan: RelayPlan, upstream: Upstream, on_error: Callable[[str], None]) -> Answer:
+    """Relay an open upstream response as the plan says: a stream, a collected stream, or vLLM's own answer."""
+    # A collected answer is read in a loop that never waits while upstream data is buffered: give the
+    # event loop a turn per network read, or a disconnect is only seen once a backlog is parsed.
+    source = upstream if plan.stream else _Yielding(upstream)
+    relay = Relay(source, kind=plan.kind, n=plan.n, loop=plan.loop, client_usage=plan.client_usage,
+                  client_continuous=plan.client_continuous, request_id=plan.request_id, on_error=on_error,
+                  on_first_token=scope.first_token)  # fmt: skip
+    headers = {"X-Request-Id": plan.request_id}
+    if plan.stream:
+        return _stream_response(scope, relay, plan)
+    if plan.engine_stream:
+        try:
+            data = await relay.collect()
+        finally:
+            scope.record(relay.stats)
+        data["model"] = plan.public_name
+        return Answer(headers, orjson.dumps(data))
+    scope.first_token()  # vLLM's non-streamed answer gives no first-token signal: running from here
+    return await _passthrough(scope, upstream, plan, headers)
 
 
 class _Yielding:
@@ -193,11 +213,11 @@ class _Held(contextlib.AbstractContextManager[None]):
         self.lease.__exit__(None, None, None)
 
 
-async def _until_disconnect(scope: RequestScope, work: Coroutine[Any, Any, Answer]) -> Answer:
+async def until_disconnect(disconnected: Callable[[], Awaitable[None]], work: Coroutine[Any, Any, T]) -> T:
     """Run `work` while watching the client: if it leaves first, `work` is cancelled (which closes the
     upstream connection, so vLLM aborts the generation) and the request ends as 499."""
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(scope.client.disconnected())
+    watch = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
         if task.done():
@@ -211,11 +231,11 @@ async def _until_disconnect(scope: RequestScope, work: Coroutine[Any, Any, Answe
             await asyncio.gather(watch, return_exceptions=True)
 
 
-def _stream_response(scope: RequestScope, relay: Relay, target: Target) -> Answer:
+def _stream_response(scope: RelayScope, relay: Relay, plan: RelayPlan) -> Answer:
     """The streamed answer; it owns the scope from here and closes it once the stream ends."""
-    rename = target.upstream_model != target.public_name
-    old = f'"model":"{target.upstream_model}"'.encode()
-    new = f'"model":"{target.public_name}"'.encode()
+    rename = plan.upstream_model != plan.public_name
+    old = f'"model":"{plan.upstream_model}"'.encode()
+    new = f'"model":"{plan.public_name}"'.encode()
     completed = False
 
     async def body() -> AsyncIterator[bytes]:
@@ -232,10 +252,10 @@ def _stream_response(scope: RequestScope, relay: Relay, target: Target) -> Answe
         scope.record(relay.stats)
         close_scope()
 
-    return Answer({"X-Request-Id": scope.request_id}, stream=body(), on_close=close)
+    return Answer({"X-Request-Id": plan.request_id}, stream=body(), on_close=close)
 
 
-async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, headers: dict[str, str]) -> Answer:
+async def _passthrough(scope: RelayScope, upstream: Upstream, plan: RelayPlan, headers: dict[str, str]) -> Answer:
     """vLLM's own non-streaming answer (tools, structured output, echo…), relayed as it is."""
     try:
         raw = await upstream.read()
@@ -248,8 +268,8 @@ async def _passthrough(scope: RequestScope, upstream: Upstream, target: Target, 
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
         raise EngineUnavailable("The engine's answer was not valid JSON.") from exc
     scope.record(stats)
-    if target.upstream_model != target.public_name:
-        data["model"] = target.public_name
+    if plan.upstream_model != plan.public_name:
+        data["model"] = plan.public_name
         raw = orjson.dumps(data)
     return Answer(headers, raw)
 
