@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # Listening
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on.")
+    relay_workers: int = Field(
+        1, ge=1, le=64,
+        description="Processes relaying on PORT (SO_REUSEPORT): 1 = the gateway alone; N adds N - 1 relay workers, "
+        "the gateway keeping every decision (docs/operating.md). More than 1 pays off past one core's relay load.",
+    )  # fmt: skip
     log_level: str = Field("info", description="Logging level (debug, info, warning, error).")
 
     # Model and engine

@@ -106,6 +106,7 @@ class RemoteEngine:
         self.base_url = base_url.rstrip("/")
         self.served_model = served_model
         self.socket_path = socket_path
+        self.api_key = api_key
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.state = EngineState.STARTING
         self.outstanding = 0

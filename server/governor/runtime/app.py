@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
 
-from governor.api import admin_routes, openai_routes, ops_routes, ui_routes
+from governor.api import admin_routes, openai_routes, ops_routes, relay_routes, ui_routes
 from governor.api.errors import install_handlers
 from governor.engine.pool import EnginePool
 from governor.lora.registry import AdapterRegistry
@@ -20,10 +20,12 @@ from governor.metrics.gateway import EngineCollector, GatewayMetrics
 from governor.metrics.gpu import GpuCollector
 from governor.metrics.model_server import ModelServerSeries
 from governor.policy.builder import Policy
+from governor.runtime.relay_workers import RelayWorkers
 from governor.serving.catalog import ModelCatalog
 from governor.serving.quota import Quotas
 from governor.serving.readiness import PROBE_REQUEST, Readiness
 from governor.serving.service import GenerationService
+from governor.serving.tickets import Tickets
 from governor.settings import Settings
 from governor.ui.status import StatusReader
 
@@ -31,9 +33,10 @@ log = logging.getLogger("governor")
 
 
 def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: AdapterRegistry | None = None,
-               provenance: Mapping[str, Any] | None = None) -> FastAPI:  # fmt: skip
+               provenance: Mapping[str, Any] | None = None, relay: RelayWorkers | None = None) -> FastAPI:  # fmt: skip
     """Assemble the gateway around an engine pool, a decoding policy and (optionally) the adapter registry;
-    ``provenance``: what a merged base model was made from (shown on /v1/models)."""
+    ``provenance``: what a merged base model was made from (shown on /v1/models); ``relay``: the relay workers
+    this gateway owns, if any."""
     disable_created_metrics()  # `_created` series double the exposition and no dashboard reads them
     metrics = GatewayMetrics()
     gpu = GpuCollector(metrics.total_output_tokens)
@@ -50,6 +53,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     started_at = time.time()
     catalog = ModelCatalog(pool, registry, settings.max_model_len, started_at, provenance)
     metrics.bound_labels(catalog.names)
+    tickets = Tickets(pool, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,9 +61,13 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
         await pool.start()
         if registry is not None:
             await registry.start()
+        if relay is not None:
+            await relay.start(tickets)
         try:
             yield
         finally:
+            if relay is not None:
+                await relay.stop()
             if registry is not None:
                 await registry.stop()
             await engine_scraper.close()
@@ -77,6 +85,7 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     app.state.registry = registry
     app.state.started_at = started_at
     app.state.catalog = catalog
+    app.state.tickets = tickets
     app.state.readiness = Readiness(
         pool,
         settings.ready_cache_seconds,
@@ -89,6 +98,9 @@ def create_app(settings: Settings, pool: EnginePool, policy: Policy, registry: A
     _document_request_models(app)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)
+    if relay is not None:
+        app.state.relay_token = relay.token
+        app.include_router(relay_routes.router)
     if registry is not None and settings.admin_key:
         app.include_router(admin_routes.router)
     else:  # no admin key, no admin API: not even a body is read

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -16,6 +17,7 @@ from governor.lora.merge import read_provenance
 from governor.runtime.app import create_app
 from governor.runtime.bootstrap import build_policy, build_pool, build_registry
 from governor.runtime.limits import check_open_files
+from governor.runtime.relay_workers import RelayWorkers, listening_socket
 from governor.settings import Settings
 
 log = logging.getLogger("governor")
@@ -56,7 +58,14 @@ def run(settings: Settings) -> None:
     pool, model_dir = build_pool(settings)
     policy = build_policy(settings, model_dir)
     registry = build_registry(settings, pool, model_dir, policy)
-    app = create_app(settings, pool, policy, registry=registry, provenance=read_provenance(model_dir))
+    sockets: list[socket.socket] | None = None
+    relay = None
+    if settings.relay_workers > 1:
+        public = listening_socket(settings.host, settings.port, reuse_port=True)
+        relay = RelayWorkers(settings, pool.engines, public)
+        sockets = [public, relay.owner_socket]
+        log.info("relaying on %d processes (the gateway and %d relay workers)", settings.relay_workers, relay.count)
+    app = create_app(settings, pool, policy, registry=registry, provenance=read_provenance(model_dir), relay=relay)
     url = f"http://{settings.host}:{settings.port}/v1"
     announced: set[str] = set()
 
@@ -74,4 +83,4 @@ def run(settings: Settings) -> None:
     )  # fmt: skip
     server = DrainingServer(config, pool, settings.drain_seconds, settings.request_timeout)
     log.info("Governor listening on %s; the engine is warming up (first start compiles, ~1-3 min)", url)
-    server.run()
+    server.run(sockets=sockets)
