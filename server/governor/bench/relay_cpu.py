@@ -59,12 +59,13 @@ def child(watchdog: psutil.Process, marker: str) -> psutil.Process:
 
 @dataclass
 class Run:
-    """One load run: its result and both processes' CPU seconds over it."""
+    """One load run: its result and both sides' CPU seconds over it (the gateway's: all its processes)."""
 
     load: LoadResult
     gateway_cpu: float
     server_cpu: float
     gateway_wakeups: int
+    shares: list[float] = field(default_factory=list)  # each gateway process's CPU seconds, the owner's first
 
 
 @dataclass
@@ -81,17 +82,25 @@ class Meter:
     server: psutil.Process
     gateway_idle: float = 0.0  # CPU seconds per wall second, doing nothing
     server_idle: float = 0.0
+    relays: list[psutil.Process] = field(default_factory=list)  # the gateway's relay workers, counted with it
+
+    def _gateway(self) -> list[float]:
+        return [cpu_seconds(p) for p in (self.gateway, *self.relays)]
+
+    def _wakeups(self) -> int:
+        return sum(wakeups(p) for p in (self.gateway, *self.relays))
 
     async def idle(self, seconds: float) -> None:
-        g, s = cpu_seconds(self.gateway), cpu_seconds(self.server)
+        g, s = sum(self._gateway()), cpu_seconds(self.server)
         await asyncio.sleep(seconds)
-        self.gateway_idle = (cpu_seconds(self.gateway) - g) / seconds
+        self.gateway_idle = (sum(self._gateway()) - g) / seconds
         self.server_idle = (cpu_seconds(self.server) - s) / seconds
 
     async def run(self, url: str, body: dict[str, object], concurrency: int, total: int) -> Run:
-        g, s, w = cpu_seconds(self.gateway), cpu_seconds(self.server), wakeups(self.gateway)
+        g, s, w = self._gateway(), cpu_seconds(self.server), self._wakeups()
         load = await run_load(url, body, concurrency, total)
-        return Run(load, cpu_seconds(self.gateway) - g, cpu_seconds(self.server) - s, wakeups(self.gateway) - w)
+        shares = [after - before for after, before in zip(self._gateway(), g, strict=True)]
+        return Run(load, sum(shares), cpu_seconds(self.server) - s, self._wakeups() - w, shares)
 
     def per_event(self, run: Run) -> tuple[float, float, float]:
         """µs per event: the gateway's net of its idle background, the server's net of its own, and the

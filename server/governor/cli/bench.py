@@ -28,11 +28,21 @@ def register(bench_app: typer.Typer) -> None:
         cpu_tokens: int = typer.Option(256, help="Tokens per stream in the --cpu mode."),
         profile: bool = typer.Option(False, help="--cpu: also sample the gateway with py-spy (one more run)."),
         local: bool = typer.Option(False, help="--cpu: Governor starts the engine on its socket (no direct side)."),
+        relay_workers: int = typer.Option(
+            1, min=1, max=64, help="--cpu: with N > 1, Governor as 1 process against N (owner + relay workers)."
+        ),
     ) -> None:
         """Gateway vs direct vLLM (throughput ratio, TTFT delta) and relay capacity vs a fake engine;
         --cpu: the gateway's CPU per event vs vLLM's API server, both measured in the same runs."""
         from governor.bench import gateway as bench
 
+        if cpu and relay_workers > 1:
+            from governor.bench import relay_workers as workers_bench
+            from governor.settings import Settings
+
+            for line in workers_bench.run(Settings(), concurrency, cpu_preset, cpu_tokens, reps, waves, relay_workers):
+                typer.echo(line)
+            return
         if cpu:
             from governor.bench import relay_cpu
             from governor.settings import Settings

@@ -23,7 +23,7 @@ from governor.engine.base import EngineClient
 from governor.engine.process import private_socket_dir
 from governor.engine.remote import RemoteEngine
 from governor.serving.tickets import Tickets
-from governor.settings import Settings
+from governor.settings import SECRETS, Settings
 
 log = logging.getLogger("governor.relay")
 
@@ -55,6 +55,14 @@ def engine_spec(engine: EngineClient) -> dict[str, object]:
             "api_key": engine.api_key, "socket_path": path}  # fmt: skip
 
 
+def worker_settings(settings: Settings) -> dict[str, object]:
+    """The settings as a worker rebuilds them: secrets as values (read from their files once, here)."""
+    data = settings.model_dump(mode="json")
+    for name in SECRETS:
+        data[f"{name}_file"] = None
+    return data
+
+
 class RelayWorkers:
     """The owner's side: the private socket, the workers' token and spec, and the worker processes."""
 
@@ -66,7 +74,7 @@ class RelayWorkers:
         self.owner_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.owner_socket.bind(str(self.socket_path))
         host, port = settings.host, public.getsockname()[1]
-        spec = {"settings": settings.model_dump(mode="json"), "host": host, "port": port, "token": self.token,
+        spec = {"settings": worker_settings(settings), "host": host, "port": port, "token": self.token,
                 "owner": str(self.socket_path), "engines": [engine_spec(e) for e in engines]}  # fmt: skip
         self.spec_path = self.dir / "worker.json"
         fd = os.open(self.spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the keys

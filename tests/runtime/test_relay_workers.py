@@ -1,0 +1,190 @@
+"""Relay workers (GOVERNOR_RELAY_WORKERS=2): the real `governor serve` (remote mode) in front of the fake
+engine, both as processes, over real HTTP. Every test opens each request on a fresh connection, so the
+kernel's SO_REUSEPORT spreads them over the owner and the worker, and checks what the owner counts: the
+decisions (quotas, the engines' admission) are the owner's alone, so they stay exact across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from governor.engine.process import free_port
+from tests.conftest import Live, start_governor, wait_for
+
+KEYS = ("key-a", "key-b", "key-c")
+KEY_CONCURRENCY = 3
+IN_FLIGHT = 5  # the engine's budget: max_running 4 + max_queued 1
+TOKEN_DELAY = 0.05  # the fake engine's time per token: a 40-token stream lasts ~2 s
+
+
+@pytest.fixture(scope="module")
+def relayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(port), str(TOKEN_DELAY)])
+    try:
+        env = {
+            "GOVERNOR_ENGINE_URL": f"http://127.0.0.1:{port}", "GOVERNOR_RELAY_WORKERS": "2",
+            "GOVERNOR_API_KEYS": ",".join(KEYS), "GOVERNOR_KEY_CONCURRENCY": str(KEY_CONCURRENCY),
+            "GOVERNOR_MAX_RUNNING": "4", "GOVERNOR_MAX_QUEUED": "1", "GOVERNOR_ADDRESS_CONCURRENCY": "256",
+        }  # fmt: skip
+        with start_governor(tmp_path_factory.mktemp("relayed"), **env) as server:
+            yield server
+    finally:
+        fake.send_signal(signal.SIGINT)
+        fake.wait(10)
+
+
+def workers_of(owner: int) -> list[int]:
+    """The owner's child processes: its relay workers (a remote engine runs elsewhere)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{owner}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+def metric(live: Live, name: str, labels: str = "") -> float:
+    text = httpx.get(live.url + "/metrics", headers=auth(KEYS[0]), timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{re.escape(name)}(\{{[^}}]*\}})? (\S+)", line)
+        if match and labels in (match.group(1) or ""):
+            total += float(match.group(2))
+    return total
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Connection": "close"}
+
+
+def stream_body(tokens: int) -> dict[str, object]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+async def one_stream(live: Live, key: str, tokens: int) -> tuple[int, bytes]:
+    """A stream on a connection of its own: (status, everything received)."""
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", live.v1 + "/chat/completions", json=stream_body(tokens), headers=auth(key)) as resp,
+    ):
+        return resp.status_code, await resp.aread()
+
+
+def settle(live: Live) -> None:
+    wait_for(lambda: metric(live, "governor_requests_in_flight") == 0, 20, what="no request in flight")
+
+
+def test_connections_spread_over_both_processes(relayed: Live) -> None:
+    settle(relayed)
+    before = [metric(relayed, "governor_relayed_requests_total", f'worker="{w}"') for w in (0, 1)]
+    for _ in range(40):
+        resp = httpx.post(relayed.v1 + "/completions", headers=auth(KEYS[0]), timeout=30,
+                          json={"model": "fake-model", "prompt": "hi", "max_tokens": 2})  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == 2
+    after = [metric(relayed, "governor_relayed_requests_total", f'worker="{w}"') for w in (0, 1)]
+    served = [a - b for a, b in zip(after, before, strict=True)]
+    print("requests relayed by the owner and the worker:", served)
+    assert sum(served) == 40
+    assert min(served) >= 8  # 40 fresh connections hashed over two listeners: 20 +- 3 each, 8 is ~4 sigma
+
+
+def test_streams_through_a_worker_end_as_through_the_owner(relayed: Live) -> None:
+    async def run() -> list[tuple[int, bytes]]:
+        return await asyncio.gather(*(one_stream(relayed, KEYS[i % 3], 6) for i in range(IN_FLIGHT)))
+
+    settle(relayed)
+    for status, raw in asyncio.run(run()):
+        assert status == 200
+        events = [line for line in raw.decode().split("\n\n") if line]
+        assert events[-1] == "data: [DONE]"
+        assert '"usage":{"prompt_tokens"' in events[-2] and '"completion_tokens":6' in events[-2]
+    settle(relayed)
+
+
+def test_admission_and_key_quotas_are_exact_across_processes(relayed: Live) -> None:
+    """12 concurrent streams, 4 per key: each key may run 3 (9 pass the quota), the engine takes 5 in all."""
+
+    async def run() -> list[int]:
+        results = await asyncio.gather(*(one_stream(relayed, key, 40) for key in KEYS for _ in range(4)))
+        return [status for status, _ in results]
+
+    settle(relayed)
+    before = sum(metric(relayed, "governor_relayed_requests_total", f'worker="{w}"') for w in (0, 1))
+    statuses = asyncio.run(run())
+    print("statuses:", sorted(statuses))
+    assert statuses.count(200) == IN_FLIGHT
+    assert statuses.count(429) == 12 - IN_FLIGHT
+    assert sum(metric(relayed, "governor_relayed_requests_total", f'worker="{w}"') for w in (0, 1)) - before == 5
+    settle(relayed)
+    # Everything was given back: the same burst is admitted the same way again.
+    assert asyncio.run(run()).count(200) == IN_FLIGHT
+    settle(relayed)
+
+
+def test_a_killed_worker_gives_back_what_it_held_and_is_restarted(relayed: Live) -> None:
+    settle(relayed)
+    (worker,) = workers_of(relayed.proc.pid)
+
+    def on_worker() -> float:
+        return metric(relayed, "governor_relayed_requests_total", 'worker="1"')
+
+    async def run() -> list[int]:
+        for _ in range(4):  # five fresh connections all on the owner: 1 in 32; then again
+            base, tasks = on_worker(), []
+            for key in (*KEYS, KEYS[0], KEYS[0]):  # the engine's five, the keys' quotas allowing
+                tasks.append(asyncio.ensure_future(one_stream(relayed, key, 200)))
+                await asyncio.sleep(0.4)
+            if on_worker() > base:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(settle, relayed)
+        os.kill(worker, signal.SIGKILL)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return [r[0] if isinstance(r, tuple) else 0 for r in results]
+
+    outcomes = asyncio.run(run())
+    print("outcomes (0: connection lost with the worker):", outcomes)
+    assert outcomes.count(0) >= 1  # some streams were the worker's (five fresh connections, two listeners)
+    settle(relayed)  # the owner released the lost streams' leases, quota and in-flight count
+    wait_for(lambda: len(workers_of(relayed.proc.pid)) == 1 and workers_of(relayed.proc.pid)[0] != worker, 15,
+             what="the worker restarted")  # fmt: skip
+    assert "relay worker 1 exited" in relayed.log_tail()
+
+    async def burst() -> list[int]:
+        return [s for s, _ in await asyncio.gather(*(one_stream(relayed, KEYS[0], 4) for _ in range(3)))]
+
+    assert asyncio.run(burst()) == [200, 200, 200]  # key-a's three slots are free again
+
+
+def test_other_routes_are_the_owners(relayed: Live) -> None:
+    for _ in range(10):
+        models = httpx.get(relayed.v1 + "/models", headers=auth(KEYS[1]), timeout=10)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "fake-model"
+        assert httpx.get(relayed.url + "/ready", headers={"Connection": "close"}, timeout=10).status_code == 200
+        refused = httpx.get(relayed.v1 + "/models", headers=auth("wrong"), timeout=10)
+        assert refused.status_code == 401 and refused.json()["error"]["type"]
+        # The owner's private routes do not exist for a caller without the workers' token.
+        internal = httpx.post(relayed.url + "/internal/relay/plan/chat", json=stream_body(2), headers=auth(KEYS[1]),
+                              timeout=10)  # fmt: skip
+        assert internal.status_code == 404
+
+
+def test_bad_requests_get_the_owners_errors_through_a_worker(relayed: Live) -> None:
+    for _ in range(10):
+        bad = httpx.post(relayed.v1 + "/chat/completions", content=b"{nope", headers=auth(KEYS[2]), timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        no_key = httpx.post(relayed.v1 + "/chat/completions", json=stream_body(2), headers={"Connection": "close"},
+                            timeout=10)  # fmt: skip
+        assert no_key.status_code == 401
