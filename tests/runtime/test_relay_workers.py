@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from governor.engine.process import free_port
 from tests.conftest import Live, start_governor, wait_for
+from tests.lora.factory import BASE_DIR, AdapterFactory, require_base
 
 KEYS = ("key-a", "key-b", "key-c")
 KEY_CONCURRENCY = 3
@@ -188,3 +190,58 @@ def test_bad_requests_get_the_owners_errors_through_a_worker(relayed: Live) -> N
         no_key = httpx.post(relayed.v1 + "/chat/completions", json=stream_body(2), headers={"Connection": "close"},
                             timeout=10)  # fmt: skip
         assert no_key.status_code == 401
+
+
+@pytest.fixture(scope="module")
+def relayed_adapters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """Two processes, one adapter slot in the batch (MAX_LORAS=1), two real PEFT adapters on disk."""
+    require_base()
+    golden = AdapterFactory(tmp_path_factory.mktemp("golden"))
+    root = tmp_path_factory.mktemp("relayed-adapters")
+    (root / "adapters").mkdir()
+    for name in ("ada", "adb"):
+        golden.copy("good", root / "adapters" / name)
+    port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(port), str(TOKEN_DELAY)])
+    try:
+        env = {
+            "GOVERNOR_ENGINE_URL": f"http://127.0.0.1:{port}", "GOVERNOR_RELAY_WORKERS": "2",
+            "GOVERNOR_MODEL": str(BASE_DIR), "GOVERNOR_SERVED_MODEL_NAME": "fake-model",
+            "GOVERNOR_STAGING_DIR": str(root / "staging"), "GOVERNOR_MAX_LORAS": "1", "GOVERNOR_MAX_CPU_LORAS": "1",
+            "GOVERNOR_MAX_LORA_RANK": "16", "GOVERNOR_ADDRESS_CONCURRENCY": "256",
+        }  # fmt: skip
+        with start_governor(root, **env) as server:
+            wait_for(lambda: len(httpx.get(server.v1 + "/models", timeout=10).json()["data"]) == 3, 60,
+                     what="both adapters registered")  # fmt: skip
+            yield server
+    finally:
+        fake.send_signal(signal.SIGINT)
+        fake.wait(10)
+
+
+def test_adapter_leases_are_exact_across_processes(relayed_adapters: Live) -> None:
+    """Three streams on `ada` hold the one batch slot, through both processes; `adb` waits for all three to
+    end (never a 409), however the five connections were spread."""
+    live = relayed_adapters
+
+    async def stream(model: str, tokens: int) -> tuple[int, float]:
+        body = {**stream_body(tokens), "model": model}
+        async with (
+            httpx.AsyncClient(timeout=60) as client,
+            client.stream("POST", live.v1 + "/chat/completions", json=body, headers={"Connection": "close"}) as r,
+        ):
+            await r.aread()
+            return r.status_code, time.monotonic()
+
+    async def run() -> tuple[list[tuple[int, float]], tuple[int, float]]:
+        holders = [asyncio.ensure_future(stream("ada", 40)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        waiter = await stream("adb", 2)
+        return await asyncio.gather(*holders), waiter
+
+    for _ in range(2):  # the second round starts with `adb` in the slot: `ada` waits for it, then holds it
+        holders, (status, ended) = asyncio.run(run())
+        assert [s for s, _ in holders] == [200, 200, 200]
+        assert status == 200
+        assert ended >= max(t for _, t in holders)  # it waited for the last `ada` stream to end
+    settle(live)
