@@ -36,6 +36,11 @@ from governor.stream.relay import RelayStats
 
 log = logging.getLogger("governor.relay")
 
+
+def owner_gone() -> EngineUnavailable:
+    return EngineUnavailable("The gateway's owner process is not answering; retry shortly.")
+
+
 # Not forwarded either way: they describe one connection, not the request (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "content-length", "host"})  # fmt: skip
@@ -178,7 +183,11 @@ def worker_app(settings: Settings, owner: Owner, engines: dict[str, RemoteEngine
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[CLIENT_HEADER] = request.client.host if request.client else ""
         disconnected = _client_disconnected(request)
-        status, body, answer_headers = await until_disconnect(disconnected, owner.call(f"/plan/{kind}", raw, headers))
+        try:
+            planned = await until_disconnect(disconnected, owner.call(f"/plan/{kind}", raw, headers))
+        except (aiohttp.ClientError, OSError) as exc:
+            raise owner_gone() from exc
+        status, body, answer_headers = planned
         if status != 200:
             return _passed_on(status, body, answer_headers)
         handed = orjson.loads(body)
@@ -215,7 +224,7 @@ def worker_app(settings: Settings, owner: Owner, engines: dict[str, RemoteEngine
         try:
             resp = await owner.session.request(request.method, url, data=data, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, OSError) as exc:
-            raise EngineUnavailable("The gateway's owner process is not answering; retry shortly.") from exc
+            raise owner_gone() from exc
         kept = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(resp.content.iter_any(), status_code=resp.status, headers=kept,
                                  background=BackgroundTask(resp.release))  # fmt: skip
