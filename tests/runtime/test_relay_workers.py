@@ -6,6 +6,7 @@ decisions (quotas, the engines' admission) are the owner's alone, so they stay e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -28,11 +29,26 @@ IN_FLIGHT = 5  # the engine's budget: max_running 4 + max_queued 1
 TOKEN_DELAY = 0.05  # the fake engine's time per token: a 40-token stream lasts ~2 s
 
 
-@pytest.fixture(scope="module")
-def relayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+@contextlib.contextmanager
+def fake_engine() -> Iterator[int]:
+    """The fake engine as a process of its own, on a free port (yielded); stopped with SIGTERM, since a job
+    started in the background (CI) hands its children SIGINT ignored."""
     port = free_port()
     fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(port), str(TOKEN_DELAY)])
     try:
+        yield port
+    finally:
+        fake.terminate()
+        try:
+            fake.wait(10)
+        except subprocess.TimeoutExpired:
+            fake.kill()
+            fake.wait(10)
+
+
+@pytest.fixture(scope="module")
+def relayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    with fake_engine() as port:
         env = {
             "GOVERNOR_ENGINE_URL": f"http://127.0.0.1:{port}", "GOVERNOR_RELAY_WORKERS": "2",
             "GOVERNOR_API_KEYS": ",".join(KEYS), "GOVERNOR_KEY_CONCURRENCY": str(KEY_CONCURRENCY),
@@ -40,9 +56,6 @@ def relayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         }  # fmt: skip
         with start_governor(tmp_path_factory.mktemp("relayed"), **env) as server:
             yield server
-    finally:
-        fake.send_signal(signal.SIGINT)
-        fake.wait(10)
 
 
 def workers_of(owner: int) -> list[int]:
@@ -201,9 +214,7 @@ def relayed_adapters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]
     (root / "adapters").mkdir()
     for name in ("ada", "adb"):
         golden.copy("good", root / "adapters" / name)
-    port = free_port()
-    fake = subprocess.Popen([sys.executable, "-m", "governor.bench.fake_engine", str(port), str(TOKEN_DELAY)])
-    try:
+    with fake_engine() as port:
         env = {
             "GOVERNOR_ENGINE_URL": f"http://127.0.0.1:{port}", "GOVERNOR_RELAY_WORKERS": "2",
             "GOVERNOR_MODEL": str(BASE_DIR), "GOVERNOR_SERVED_MODEL_NAME": "fake-model",
@@ -214,9 +225,6 @@ def relayed_adapters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]
             wait_for(lambda: len(httpx.get(server.v1 + "/models", timeout=10).json()["data"]) == 3, 60,
                      what="both adapters registered")  # fmt: skip
             yield server
-    finally:
-        fake.send_signal(signal.SIGINT)
-        fake.wait(10)
 
 
 def test_adapter_leases_are_exact_across_processes(relayed_adapters: Live) -> None:
