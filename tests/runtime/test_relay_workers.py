@@ -157,7 +157,7 @@ def test_a_killed_worker_gives_back_what_it_held_and_is_restarted(relayed: Live)
         for _ in range(4):  # five fresh connections all on the owner: 1 in 32; then again
             base, tasks = on_worker(), []
             for key in (*KEYS, KEYS[0], KEYS[0]):  # the engine's five, the keys' quotas allowing
-                tasks.append(asyncio.ensure_future(one_stream(relayed, key, 200)))
+                tasks.append(asyncio.ensure_future(one_stream(relayed, key, 120)))
                 await asyncio.sleep(0.4)
             if on_worker() > base:
                 break
