@@ -168,6 +168,16 @@ async def compare(meter: Meter, engine_url: str | None, gateway_url: str, model:
     return direct, gateway
 
 
+def gateway_env(port: int, model: str, name: str, engine_url: str | None, **extra: str) -> dict[str, str]:
+    """A bench Governor's environment: base model only, no adapter watching, quiet; remote when `engine_url`."""
+    env = {**os.environ, "GOVERNOR_PORT": str(port), "GOVERNOR_MODEL": model, "GOVERNOR_SERVED_MODEL_NAME": name,
+           "GOVERNOR_LORA": "false", "GOVERNOR_WATCH_ADAPTERS": "false", "GOVERNOR_LOG_LEVEL": "warning",
+           **extra}  # fmt: skip
+    if engine_url is not None:
+        env["GOVERNOR_ENGINE_URL"] = engine_url
+    return env
+
+
 def run(settings: Settings, concurrencies: list[int], presets: list[str], tokens: int, reps: int, waves: int,
         profile: bool, local: bool = False) -> Iterator[str]:  # fmt: skip
     """`local`: Governor starts the engine itself, on its private Unix socket (as `make serve` does); there
@@ -177,11 +187,7 @@ def run(settings: Settings, concurrencies: list[int], presets: list[str], tokens
     engine_port, gw_port = free_port(), free_port()
     engine_url: str | None = None if local else f"http://127.0.0.1:{engine_port}"
     gw_url = f"http://127.0.0.1:{gw_port}"
-    gw_env = {**os.environ, "GOVERNOR_PORT": str(gw_port), "GOVERNOR_MODEL": str(model_dir or model),
-              "GOVERNOR_SERVED_MODEL_NAME": name, "GOVERNOR_LORA": "false", "GOVERNOR_WATCH_ADAPTERS": "false",
-              "GOVERNOR_LOG_LEVEL": "warning"}  # fmt: skip
-    if engine_url is not None:
-        gw_env["GOVERNOR_ENGINE_URL"] = engine_url
+    gw_env = gateway_env(gw_port, str(model_dir or model), name, engine_url)
     yield f"engine and gateway logs in {logs}"
     with contextlib.ExitStack() as stack:
         if engine_url is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import psutil
 from governor.bench.gateway import PROMPT, _wait_ready
 from governor.bench.load import run_load
 from governor.bench.processes import spawned
-from governor.bench.relay_cpu import Meter, Run, Side, _spread, child
+from governor.bench.relay_cpu import Meter, Run, Side, _spread, child, gateway_env
 from governor.engine.flags import engine_command, engine_env
 from governor.engine.process import free_port
 from governor.runtime.bootstrap import resolve_model
@@ -95,10 +94,8 @@ def run(settings: Settings, concurrencies: list[int], presets: list[str], tokens
         server = child(psutil.Process(engine.pid), "vllm.entrypoints.openai.api_server")
         meters: dict[str, Meter] = {}
         for side, count in (("one", 1), ("several", workers)):
-            env = {**os.environ, "GOVERNOR_PORT": str(ports[side]), "GOVERNOR_MODEL": str(model_dir or model),
-                   "GOVERNOR_SERVED_MODEL_NAME": name, "GOVERNOR_LORA": "false", "GOVERNOR_WATCH_ADAPTERS": "false",
-                   "GOVERNOR_LOG_LEVEL": "warning", "GOVERNOR_ENGINE_URL": engine_url,
-                   "GOVERNOR_RELAY_WORKERS": str(count)}  # fmt: skip
+            env = gateway_env(ports[side], str(model_dir or model), name, engine_url,
+                              GOVERNOR_RELAY_WORKERS=str(count))  # fmt: skip
             gw = stack.enter_context(spawned([sys.executable, "-m", "governor", "serve"], env=env,
                                              log=logs / f"gateway-{side}.log"))  # fmt: skip
             asyncio.run(_wait_ready(urls[side] + "/ready", 120))

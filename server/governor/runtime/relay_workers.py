@@ -81,7 +81,6 @@ class RelayWorkers:
         with os.fdopen(fd, "w") as out:
             json.dump(spec, out)
         self.procs: dict[int, asyncio.subprocess.Process] = {}
-        self.pids: dict[int, int] = {}
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -95,7 +94,6 @@ class RelayWorkers:
             sys.executable, "-m", "governor.runtime.relay_worker", str(self.spec_path), str(worker)
         )
         self.procs[worker] = proc
-        self.pids[worker] = proc.pid
         log.info("relay worker %d started (pid %d)", worker, proc.pid)
 
     async def _supervise(self, tickets: Tickets) -> None:
