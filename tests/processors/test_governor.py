@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 from typing import Any
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from vllm import SamplingParams
 
 from governor.engine.flags import PROCESSORS as ENGINE_PROCESSORS
 from governor.engine.flags import SEPARATE_PROCESSORS
-from governor.processors import shared_history
 from governor.processors.dry import DRYLogitsProcessor
 from governor.processors.extra_args import encode_ids
 from governor.processors.governor import GovernorLogitsProcessor
@@ -76,7 +74,7 @@ def chained_rule(prompt: list[int], output: list[int], args: dict[str, Any], row
     return row
 
 
-def mixed_args(vocab: int) -> Any:
+def mixed_args(vocab: int, ngram: bool = True) -> Any:
     def make(rng: random.Random) -> dict[str, Any] | None:
         if rng.random() < 0.15:
             return rng.choice([None, {}, {"gov_dry_multiplier": 0.0}, {"gov_rep_penalty": 1.0}, {"other": 1}])
@@ -90,7 +88,7 @@ def mixed_args(vocab: int) -> Any:
                 "gov_dry_breakers": encode_ids(rng.sample(range(vocab + 2), rng.choice([0, 1, 3]))),
                 "gov_dry_scope": rng.choice(["all", "all", "output"]),
             }
-        if rng.random() < 0.5:
+        if ngram and rng.random() < 0.5:
             args |= {"gov_ngram_size": rng.choice([1, 2, 3, 4, 6]), "gov_ngram_window": rng.choice([0, 0, 2, 5, 17])}
         if rng.random() < 0.7:
             args |= {
@@ -112,15 +110,25 @@ def test_equals_the_three_processors_under_random_batches(seed: int, vocab: int,
     assert pair.steps == 60
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31), vocab=st.sampled_from([6, 12, 40]), batch_size=st.integers(2, 9))
+def test_equals_the_three_processors_without_the_ban(seed: int, vocab: int, batch_size: int) -> None:
+    # Without the n-gram ban in the batch the CPU path lowers only the cells DRY matched
+    # (``SharedHistory._penalize_matched``): every step of these sessions takes it.
+    pair = AgainstChain(vocab)
+    random_session(pair, chained_rule, mixed_args(vocab, ngram=False), seed, vocab=vocab, batch_size=batch_size,
+                   steps=60)  # fmt: skip
+    assert pair.steps == 60
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31), batch_size=st.integers(2, 9))
-def test_the_cpu_redirect_changes_no_logit(seed: int, batch_size: int) -> None:
-    # The CPU path points DRY's cells without a penalty at column 0 from a wide vocabulary on: with
-    # the threshold at 0 the small vocabularies here take that path too, and must stay bit-identical.
-    with patch.object(shared_history, "SCATTERED_VOCAB", 0):
-        pair = AgainstChain(12)
-        assert pair.governor.history.cache_friendly
-        random_session(pair, chained_rule, mixed_args(12), seed, vocab=12, batch_size=batch_size, steps=60)
+def test_the_torch_path_off_cpu_gives_the_same_logits(seed: int, batch_size: int) -> None:
+    # Without the CPU-only choices (DRY's matched cells found on the host, flat table lookups) the
+    # torch path passes over every cell with a two-index table lookup: bit-identical too.
+    pair = AgainstChain(vocab := 40)
+    pair.governor.history.cache_friendly = False
+    random_session(pair, chained_rule, mixed_args(vocab), seed, vocab=vocab, batch_size=batch_size, steps=60)
     assert pair.steps == 60
 
 
@@ -148,19 +156,24 @@ def test_equals_the_three_processors_over_long_outputs(seed: int) -> None:
     assert pair.steps == 400 and moves >= 2
 
 
-@given(seed=st.integers(0, 2**31), width=st.sampled_from([9, 12, 16]), dtype=st.sampled_from(["float32", "bfloat16"]))
-@settings(max_examples=12, deadline=None, derandomize=True)
-def test_equals_with_ids_past_the_vocabulary_and_other_logits(seed: int, width: int, dtype: str) -> None:
+@given(
+    seed=st.integers(0, 2**31),
+    width=st.sampled_from([9, 12, 16]),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    ban=st.booleans(),
+)
+@settings(max_examples=16, deadline=None, derandomize=True)
+def test_equals_with_ids_past_the_vocabulary_and_other_logits(seed: int, width: int, dtype: str, ban: bool) -> None:
     # Prompt ids from a client's tokenizer past the vocabulary (12), logits narrower or wider than it
     # (padding), and bf16 logits: every case as the three processors do it.
     rng, vocab = random.Random(seed), 12
     pair = AgainstChain(vocab)
     sim = BatchSim(pair, batch_size=5)
-    make_args = mixed_args(vocab)
+    make_args = mixed_args(vocab, ngram=ban)
     requests = []
     for index in range(5):
         prompt = [rng.choice([rng.randrange(vocab), vocab + rng.randrange(3)]) for _ in range(rng.randrange(0, 9))]
-        args = make_args(rng) or PRESET_LIKE
+        args = make_args(rng) or (PRESET_LIKE if ban else {**PRESET_LIKE, "gov_ngram_size": 0})
         requests.append(sim.add(index, {**args, "gov_dry_scope": "all", "gov_rep_scope": "all"}, prompt))
     sim.flush()
     for _ in range(40):

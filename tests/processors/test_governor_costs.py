@@ -246,14 +246,29 @@ def test_prints_and_bounds_the_costs_per_step(costs: dict[int, dict[str, dict[st
         assert costs[8][kind]["calls"] == costs[64][kind]["calls"] == costs[1024][kind]["calls"], kind
 
 
-def test_the_cpu_redirect_adds_two_ops_to_a_step(costs: dict[int, dict[str, dict[str, Any]]]) -> None:
-    """On CPU at a wide vocabulary DRY's cells without a penalty read and lower column 0, for the
-    caches; that costs a comparison and a select, whatever the batch."""
-    cpu = _costs(GovernorLogitsProcessor, 64, (2,), cache_friendly=True)
-    print("cpu steady ops:", " ".join(cpu["steady"]["ops"]))
-    for kind in ("steady", "change 2"):
-        plain = costs[64][kind]["ops"]
-        assert sorted(cpu[kind]["ops"]) == sorted([*plain, "gt", "where"]), (kind, cpu[kind]["ops"])
+# On CPU, with DRY and no ban, in place of DRY's lookup, gather and lowering over every cell (`index
+# gather sub_ scatter_reduce_`): the cells whose match is long enough, found on the host (a read of
+# the device's data: free on CPU, a wait on a GPU, hence CPU only), then the same work on those. A
+# change step compares every cell's match (`le`); a steady step only those its match update found
+# continuing (`index le`, then three `index` keep the long enough ones).
+CPU_DRY = ["add", "index", "add", "index_select", "index", "index", "sub_", "mul", "add", "scatter_reduce_"]
+CPU_DRY_FOUND = {"steady": ["index", "le", "index", "index", "index"], "change 2": ["le", "index"]}
+
+
+def test_the_cpu_path_lowers_only_the_matched_cells(costs: dict[int, dict[str, dict[str, Any]]]) -> None:
+    """The CPU-only choices (see ``SharedHistory``) change DRY's part of a step and nothing else, with
+    the same ops at every batch size; only ``ne``, ``masked_fill_`` (and on a change step ``le``) pass
+    over every cell, with numpy's ``flatnonzero`` on the host."""
+    for rows in (8, 1024):
+        cpu = _costs(GovernorLogitsProcessor, rows, (2,), cache_friendly=True)
+        print(f"cpu rows={rows} steady ops:", " ".join(cpu["steady"]["ops"]))
+        for kind, found in CPU_DRY_FOUND.items():
+            plain = list(costs[rows][kind]["ops"])
+            lookup = len(plain) - 1 - plain[::-1].index("index")  # the match table's: the step's last index
+            assert plain[lookup : lookup + 4] == ["index", "gather", "sub_", "scatter_reduce_"], plain
+            plain[lookup : lookup + 4] = found + CPU_DRY
+            assert cpu[kind]["ops"] == plain, (rows, kind, cpu[kind]["ops"])
+            assert cpu[kind]["uploads"] <= 1 and cpu[kind]["pins"] == 0, (rows, kind, cpu[kind])
 
 
 def test_python_calls_of_a_change_grow_with_the_rows_changed_only(costs: dict[int, dict[str, dict[str, Any]]]) -> None:

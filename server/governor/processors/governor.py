@@ -148,7 +148,7 @@ class GovernorLogitsProcessor(LogitsProcessor):
         self._extent = self.longest
         self._widths = self._current_widths()
         if self.fused is None:
-            history.advance(n, self._widths)
+            history.advance(n, self._widths, steady=True)
         return True
 
     def _change_step(self, dtype: torch.dtype) -> None:
@@ -197,6 +197,7 @@ class GovernorLogitsProcessor(LogitsProcessor):
             dry_cut=needs.dry and needs.narrowest_range < targets + MAX_MATCH_LENGTH,
             ngram_cut=needs.ngram and needs.narrowest_reach < targets,
             penalty_cut=needs.penalty and needs.narrowest_window < penalty,
+            dry_shortest=needs.shortest_allowed,
         )  # fmt: skip
 
     def _looks(self) -> tuple[int, int]:

@@ -59,6 +59,7 @@ class Aggregates(NamedTuple):
     penalty: bool
     widest_window: int
     narrowest_window: int
+    shortest_allowed: int = 1  # DRY's smallest allowed length: shorter matches have no penalty
 
 
 @dataclass(slots=True, eq=False)
@@ -220,6 +221,7 @@ class RequestConfigs:
                 bool(reaches), max(reaches, default=0), min(reaches, default=UNBOUNDED),
                 max((ngram_need(c.ngram) for c in used if c.ngram), default=0),
                 bool(windows), max(windows, default=0), min(windows, default=UNBOUNDED),
+                min((c.dry.allowed_length for c in used if c.dry), default=1),
             )  # fmt: skip
         return self._aggregates
 
