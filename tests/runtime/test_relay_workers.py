@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from governor.engine.process import free_port
+from governor.runtime.relay_workers import RESTART_DELAY_MAX, RESTART_DELAY_MIN, STABLE_RUN, restart_delay
 from tests.conftest import Live, start_governor, wait_for
 from tests.lora.factory import BASE_DIR, AdapterFactory, require_base
 
@@ -183,6 +184,14 @@ def test_a_killed_worker_gives_back_what_it_held_and_is_restarted(relayed: Live)
     assert asyncio.run(burst()) == [200, 200, 200]  # key-a's three slots are free again
 
 
+def test_restart_delays_double_while_a_worker_keeps_failing_and_reset_after_a_stable_run() -> None:
+    delays = [restart_delay(None, 0.2)]
+    for _ in range(6):
+        delays.append(restart_delay(delays[-1], 1.0))  # it died a second after each start
+    assert delays == [RESTART_DELAY_MIN, 1.0, 2.0, 4.0, 8.0, RESTART_DELAY_MAX, RESTART_DELAY_MAX]
+    assert restart_delay(RESTART_DELAY_MAX, STABLE_RUN) == RESTART_DELAY_MIN  # it had served a while
+
+
 def test_other_routes_are_the_owners(relayed: Live) -> None:
     for _ in range(10):
         models = httpx.get(relayed.v1 + "/models", headers=auth(KEYS[1]), timeout=10)
@@ -252,4 +261,34 @@ def test_adapter_leases_are_exact_across_processes(relayed_adapters: Live) -> No
         assert [s for s, _ in holders] == [200, 200, 200]
         assert status == 200
         assert ended >= max(t for _, t in holders)  # it waited for the last `ada` stream to end
+    settle(live)
+
+
+def test_clients_that_leave_while_waiting_for_the_adapter_slot_hold_nothing(relayed_adapters: Live) -> None:
+    """`adb` callers give up while `ada` holds the one slot (on both processes): their waits end with them,
+    nothing stays in flight, and the next `adb` is served as soon as the slot frees."""
+    live = relayed_adapters
+    settle(live)
+
+    async def stream(model: str, tokens: int, timeout: float) -> int:
+        body = {**stream_body(tokens), "model": model}
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            try:
+                async with client.stream("POST", live.v1 + "/chat/completions", json=body,
+                                         headers={"Connection": "close"}) as resp:  # fmt: skip
+                    await resp.aread()
+                    return resp.status_code
+            except httpx.TimeoutException:
+                return 0
+
+    async def run() -> tuple[list[int], list[int]]:
+        holders = [asyncio.ensure_future(stream("ada", 60, 60)) for _ in range(3)]  # ~3 s each
+        await asyncio.sleep(1.0)
+        leavers = await asyncio.gather(*(stream("adb", 2, 0.5 + 0.1 * i) for i in range(6)))
+        return await asyncio.gather(*holders), leavers
+
+    holders, leavers = asyncio.run(run())
+    assert holders == [200, 200, 200] and leavers == [0] * 6
+    settle(live)  # nothing the leavers started is still counted
+    assert asyncio.run(stream("adb", 2, 30)) == 200
     settle(live)

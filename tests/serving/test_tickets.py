@@ -17,7 +17,7 @@ from governor.metrics.gateway import GatewayMetrics
 from governor.serving.plan import RelayPlan, stats_json
 from governor.serving.quota import Quotas
 from governor.serving.scope import ClientInfo, RequestScope
-from governor.serving.tickets import SWEEP_GRACE, Tickets
+from governor.serving.tickets import ABANDONED_MAX, ABANDONED_TTL, SWEEP_GRACE, Tickets
 from governor.stream.loop_detector import LoopConfig
 from governor.stream.relay import RelayStats
 
@@ -118,3 +118,33 @@ async def test_a_silent_ticket_is_swept_after_its_deadline() -> None:
     assert tickets.sweep(ticket.scope.deadline + SWEEP_GRACE + 1) == 1
     assert pool.outstanding() == 0 and not tickets.open
     assert 'status="504"' in metrics.render().decode()
+
+
+async def test_an_end_reported_before_the_ticket_is_issued_closes_it_when_issued() -> None:
+    # The client left while the owner planned; the worker's report of the end crossed the plan's answer.
+    metrics, pool = GatewayMetrics(), EnginePool(engines("e0"), max_in_flight=4)
+    quotas = Quotas(rpm=0, tpm=0, concurrency=1)
+    tickets = Tickets(pool, metrics)
+    tickets.abandon("worker-named-ticket-1")
+    scope = await scope_of(metrics, quotas)
+    ticket = tickets.issue(scope, plan(2), worker=1, ticket_id="worker-named-ticket-1")
+    assert ticket.id == "worker-named-ticket-1" and tickets.get(ticket.id) is None and not tickets.abandoned
+    assert pool.outstanding() == 0 and metrics.in_flight.value == 0 and scope.status == 499
+    quotas.acquire(KEY, 1).release(0)  # the quota was given back
+    # A ticket named by its worker and not abandoned is held as any other.
+    held = tickets.issue(await scope_of(metrics), plan(), worker=1, ticket_id="worker-named-ticket-2")
+    assert tickets.get("worker-named-ticket-2") is held and pool.outstanding() == 1
+    # An id already open is not reused.
+    other = tickets.issue(await scope_of(metrics), plan(), worker=2, ticket_id="worker-named-ticket-2")
+    assert other.id != held.id and tickets.get(other.id) is other
+
+
+def test_reports_for_tickets_never_issued_are_forgotten() -> None:
+    tickets = Tickets(EnginePool(engines("e0"), max_in_flight=4), GatewayMetrics())
+    tickets.abandon("a" * 16, now=100.0)
+    tickets.abandon("b" * 16, now=200.0)
+    tickets.sweep(100.0 + ABANDONED_TTL + 1)
+    assert list(tickets.abandoned) == ["b" * 16]
+    for number in range(ABANDONED_MAX + 5):
+        tickets.abandon(f"{number:016d}", now=300.0)
+    assert len(tickets.abandoned) == ABANDONED_MAX and "b" * 16 not in tickets.abandoned

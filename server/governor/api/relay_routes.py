@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import re
 from typing import Any
 
 import orjson
@@ -28,6 +29,8 @@ PREFIX = "/internal/relay"
 TOKEN_HEADER = "x-governor-relay-token"
 WORKER_HEADER = "x-governor-relay-worker"
 CLIENT_HEADER = "x-governor-relay-client"  # the client's address as the worker saw it
+TICKET_HEADER = "x-governor-relay-ticket"  # the id the worker gives the ticket it asks for
+_TICKET_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -67,7 +70,9 @@ async def plan(kind: str, request: Request, service: ServiceDep, client: ClientD
         req = parse_request(kind, await read_json(request, settings.max_body_bytes), settings)  # type: ignore[arg-type]
         scope.apply_timeout()
         relay_plan = await until_disconnect(client.disconnected, service.plan(scope, req))
-        ticket = request.app.state.tickets.issue(scope, relay_plan, worker)
+        named = request.headers.get(TICKET_HEADER, "")
+        ticket_id = named if _TICKET_ID.fullmatch(named) else None
+        ticket = request.app.state.tickets.issue(scope, relay_plan, worker, ticket_id)
         return _json({"ticket": ticket.id, "engine": ticket.engine, "timeout": scope.remaining(),
                       "plan": relay_plan.to_json()})  # fmt: skip
 
@@ -93,7 +98,12 @@ async def started(ticket_id: str, request: Request) -> Response:
 
 @router.post("/{ticket_id}/done")
 async def done(ticket_id: str, request: Request) -> Response:
-    tickets, ticket = _ticket(request, ticket_id)
+    _worker(request)
+    tickets: Tickets = request.app.state.tickets
+    ticket = tickets.get(ticket_id)
+    if ticket is None:  # not issued yet (its client left during the plan), or closed already
+        tickets.abandon(ticket_id)
+        return _json({})
     report = orjson.loads(await request.body())
     tickets.done(ticket, report.get("status"), report.get("stats"), list(report.get("errors") or ()))
     return _json({})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -25,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from governor.api import auth
 from governor.api.body import read_bytes
 from governor.api.errors import install_handlers
-from governor.api.relay_routes import CLIENT_HEADER, PREFIX, TOKEN_HEADER, WORKER_HEADER
+from governor.api.relay_routes import CLIENT_HEADER, PREFIX, TICKET_HEADER, TOKEN_HEADER, WORKER_HEADER
 from governor.api.sse_response import to_response
 from governor.engine.remote import RemoteEngine
 from governor.errors import ClientGone, EngineUnavailable, GovernorError
@@ -182,11 +183,15 @@ def worker_app(settings: Settings, owner: Owner, engines: dict[str, RemoteEngine
         raw = await read_bytes(request, settings.max_body_bytes)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[CLIENT_HEADER] = request.client.host if request.client else ""
+        headers[TICKET_HEADER] = ticket = secrets.token_urlsafe(16)
         disconnected = _client_disconnected(request)
         try:
             planned = await until_disconnect(disconnected, owner.call(f"/plan/{kind}", raw, headers))
         except (aiohttp.ClientError, OSError) as exc:
             raise owner_gone() from exc
+        except ClientGone:  # the owner may have issued the ticket as the client left: it ends now either way
+            owner.report(f"/{ticket}/done", {"status": ClientGone.status, "stats": None, "errors": []})
+            raise
         status, body, answer_headers = planned
         if status != 200:
             return _passed_on(status, body, answer_headers)

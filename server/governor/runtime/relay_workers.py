@@ -27,8 +27,19 @@ from governor.settings import SECRETS, Settings
 
 log = logging.getLogger("governor.relay")
 
+RESTART_DELAY_MIN = 0.5
 RESTART_DELAY_MAX = 10.0
+STABLE_RUN = 30.0  # a worker that ran this long before exiting is restarted after the shortest delay
 WATCH_INTERVAL = 0.5
+
+
+def restart_delay(previous: float | None, ran: float) -> float:
+    """Seconds before restarting a worker that exited after running ``ran`` seconds: doubling while it
+    keeps failing soon after starting (``previous``: the delay before its last start), from the shortest
+    again once it has run ``STABLE_RUN``."""
+    if previous is None or ran >= STABLE_RUN:
+        return RESTART_DELAY_MIN
+    return min(previous * 2, RESTART_DELAY_MAX)
 
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -81,6 +92,7 @@ class RelayWorkers:
         with os.fdopen(fd, "w") as out:
             json.dump(spec, out)
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.started: dict[int, float] = {}  # loop time each worker last started
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -94,20 +106,28 @@ class RelayWorkers:
             sys.executable, "-m", "governor.runtime.relay_worker", str(self.spec_path), str(worker)
         )
         self.procs[worker] = proc
+        self.started[worker] = asyncio.get_running_loop().time()
         log.info("relay worker %d started (pid %d)", worker, proc.pid)
 
     async def _supervise(self, tickets: Tickets) -> None:
-        delays = dict.fromkeys(self.procs, 0.5)
+        """Every ``WATCH_INTERVAL``: release what an exited worker held at once, restart it when its delay
+        is over (each worker on its own schedule: one restarting never holds up another), sweep tickets."""
+        loop = asyncio.get_running_loop()
+        delays: dict[int, float] = {}  # the delay before each worker's last restart
+        due: dict[int, float] = {}  # exited workers: when they start again
         while not self._stopping:
+            now = loop.time()
             for worker, proc in list(self.procs.items()):
                 if proc.returncode is None:
                     continue
-                log.warning("relay worker %d exited (%s); restarting in %.1f s", worker, proc.returncode,
-                            delays[worker])  # fmt: skip
-                tickets.drop_worker(worker)
-                await asyncio.sleep(delays[worker])
-                delays[worker] = min(delays[worker] * 2, RESTART_DELAY_MAX)
-                if not self._stopping:
+                if worker not in due:
+                    tickets.drop_worker(worker)
+                    delays[worker] = delay = restart_delay(delays.get(worker), now - self.started[worker])
+                    due[worker] = now + delay
+                    log.warning("relay worker %d exited (%s); restarting in %.1f s", worker, proc.returncode,
+                                delay)  # fmt: skip
+                elif now >= due[worker]:
+                    del due[worker]
                     await self._spawn(worker)
             tickets.sweep()
             await asyncio.sleep(WATCH_INTERVAL)
