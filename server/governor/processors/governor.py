@@ -18,7 +18,8 @@ per-control processors (``dry``, ``ngram``, ``window_penalty``) applied in the o
 A steady step (every row gained one token) is a few C-level passes over vLLM's output lists, a
 dozen numpy calls and, for ``balanced``, 12 tensor ops (on CUDA one kernel) whatever the batch size;
 a step where the batch changed adds a fixed handful (``change_upload``) plus Python work per row
-changed.
+changed. On CPU, DRY without the ban passes over every cell only to update the matches and lowers
+just the cells with a long enough match (``SharedHistory._penalize_matched``).
 """
 
 from __future__ import annotations
