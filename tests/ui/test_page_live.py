@@ -53,15 +53,18 @@ def placed(live: Live) -> Iterator[Placed]:
     made.remove()
 
 
-def wait(driver: Any, condition: Any, timeout: float, what: str) -> Any:
+def wait(driver: Any, condition: Any, timeout: float, what: str, shown: str = "") -> Any:
+    """Waits for `condition`; on a timeout the message carries the browser's log and, where `shown` names an
+    element (CSS), the text it showed last."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d))
     except TimeoutException:
+        last = f"; {shown} showed {text(driver, shown)!r}" if shown else ""
         logs = driver.get_log("browser")
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; browser log: {logs}") from None
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{last}; browser log: {logs}") from None
 
 
 def open_view(driver: Any, live: Live, view: str) -> None:
@@ -86,13 +89,14 @@ def test_status_lists_the_engine_and_an_adapter_dropped_meanwhile(
     live: Live, browser: Any, artifacts: Path, placed: Placed, tmp_path: Path
 ) -> None:
     open_view(browser, live, "status")
-    wait(browser, lambda d: re.search(r"engine-0 ready local 0 \S+ v1", text(d, "#st-engines tbody")), 60,
-         "the engine to be listed ready")  # fmt: skip
+    # restarts: any count; another test in the session may have killed the engine (it is back, ready, by now)
+    wait(browser, lambda d: re.search(r"engine-0 ready local \d+ \S+ v1", text(d, "#st-engines tbody")), 60,
+         "the engine to be listed ready", shown="#st-engines tbody")  # fmt: skip
     assert text(browser, "#st-model") == live.model
     browser.execute_script("window.sameDocument = true")  # gone if the page reloads
     name = placed.drop(random_adapter(tmp_path / "made", seed=31), unique("ui"))
     wait(browser, lambda d: f"{name} ready engine no" in text(d, "#st-adapters tbody"), 180,
-         f"the dropped adapter {name} to show ready")  # fmt: skip
+         f"the dropped adapter {name} to show ready", shown="#st-adapters tbody")  # fmt: skip
     assert browser.execute_script("return window.sameDocument") is True  # refreshed without a reload
     assert text(browser, "#st-gpus tbody")  # a row per GPU, or the line saying NVML has none
     screenshot(browser, artifacts, "status")
