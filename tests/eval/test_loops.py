@@ -130,6 +130,11 @@ def test_saved_answers_come_back_as_runs_and_the_common_part_drops_failed_prompt
     gz = tmp_path / "answers.jsonl.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
     assert [len(r.answers) for r in report.read_answers([gz])] == [2, 2]
+    written = tmp_path / "written.jsonl.gz"  # a .gz name is written compressed, run by run as the CLI does
+    report.write_answers(written, [])
+    report.write_answers(written, [off], append=True)
+    report.write_answers(written, [bal], append=True)
+    assert gzip.decompress(written.read_bytes()) == path.read_bytes()
     common, dropped = report.common_part(back)
     assert dropped == {"fact-01"}
     assert [[a.prompt["id"] for a in r.answers] for r in common] == [["story-01"], ["story-01"]]

@@ -45,7 +45,7 @@ def register(eval_app: typer.Typer) -> None:
         runs = ev.plan(config or ev.DEFAULT_CONFIGS, temperature, seeds, seeded, first_seed)
 
         if answers is not None:
-            answers.write_text("")
+            report.write_answers(answers, [])  # empty now: a run that ends early leaves only its own answers
 
         def progress(run: ev.Run) -> None:
             if answers is not None:  # as each run ends, so a long eval cut short keeps what it measured

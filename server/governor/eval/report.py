@@ -94,16 +94,20 @@ def looping(run: Run) -> list[str]:
 
 
 def write_answers(path: Path, runs: list[Run], *, append: bool = False) -> None:
-    """Every answer as a JSON line, to read while tuning."""
-    with path.open("a" if append else "w", encoding="utf-8") as out:
-        for run in runs:
-            for a in run.answers:
-                verdict = None if a.prompt["category"] == "repeat" else _verdict(a.text)
-                row = {"config": run.config, "temperature": run.temperature, "seed": run.seed, "id": a.prompt["id"],
-                       "split": a.prompt["split"], "finish": a.finish, "stop_reason": a.stop_reason,
-                       "tokens": a.tokens, "correct": a.correct if "check" in a.prompt else None,
-                       "loop": verdict, "error": a.error, "text": a.text}  # fmt: skip
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Every answer as a JSON line, to read while tuning; gzip-compressed where the name ends in .gz, as
+    ``read_answers`` reads it (an append adds a gzip member: a reader reads the members as one stream)."""
+    lines = []
+    for run in runs:
+        for a in run.answers:
+            verdict = None if a.prompt["category"] == "repeat" else _verdict(a.text)
+            row = {"config": run.config, "temperature": run.temperature, "seed": run.seed, "id": a.prompt["id"],
+                   "split": a.prompt["split"], "finish": a.finish, "stop_reason": a.stop_reason,
+                   "tokens": a.tokens, "correct": a.correct if "check" in a.prompt else None,
+                   "loop": verdict, "error": a.error, "text": a.text}  # fmt: skip
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    data = "".join(lines).encode("utf-8")
+    with path.open("ab" if append else "wb") as out:
+        out.write(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
 def _verdict(text: str) -> dict[str, Any] | None:
