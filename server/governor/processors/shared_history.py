@@ -267,16 +267,16 @@ class SharedHistory:
         shortest, continuing, self._continuing = now + 1 - widths.dry_shortest, self._continuing, None
         if continuing is None:
             rows, ats = np.divmod(np.flatnonzero(torch.le(start, shortest).numpy()), width)
+            starts = start.numpy()[rows, ats]
         else:  # positions among the last `advanced` match cells, of which `start` holds the last `width`
             advanced, cells = continuing
             rows, ats = np.divmod(cells, advanced)
             ats -= advanced - width
             rows, ats = rows[ats >= 0], ats[ats >= 0]
-        row, at = torch.from_numpy(rows), torch.from_numpy(ats)
-        start = start[row, at]
-        if continuing is not None:
-            long_enough = torch.le(start, shortest)
-            row, at, start = row[long_enough], at[long_enough], start[long_enough]
+            starts = start.numpy()[rows, ats]  # numpy indexes these ~1% of cells in half the time torch does
+            long_enough = starts <= shortest
+            rows, ats, starts = rows[long_enough], ats[long_enough], starts[long_enough]
+        row, at, start = torch.from_numpy(rows), torch.from_numpy(ats), torch.from_numpy(starts)
         cell = at + (now - width + 1)
         if widths.dry_cut:  # as in ``penalize``: a match may reach back only ``range - p`` tokens
             reach = self.info[:, 0][state[SELECT, :n, now]]
