@@ -87,6 +87,9 @@ REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ({"alora_invocation_tokens": [1]}, "alora_invocation_tokens"),
     ({"arrow_config": {"top_k": 2}}, "arrow_config"),
+    ({"astra_config": {"cache_file": None, "verbose": False}}, "Astra"),
+    ({"init_lora_weights": "astra"}, "Astra"),
+    ({"init_lora_weights": "nora"}, "gaussian"),  # weight-only, but vLLM 0.32 refuses it at load
     ({"use_qalora": True}, "use_qalora"),
     ({"peft_version": ["0.1"]}, "peft_version"),
     ({"layers_to_transform": ["0"]}, "layers_to_transform"),

@@ -32,7 +32,7 @@ import re2
 from governor.errors import InvalidRequest
 
 CONFIG = "adapter_config.json"
-PEFT_KNOWN = "0.21"  # the newest peft whose LoraConfig fields all have a rule here
+PEFT_KNOWN = "0.22"  # the newest peft whose LoraConfig fields all have a rule here
 PATTERN_LIMIT = 256  # characters in one pattern; longer ones are refused before compiling
 MAX_ENTRIES = 1024  # keys of rank_pattern/alpha_pattern, entries of a module list
 MAX_WIDE_PER_PATTERN = 3
@@ -281,9 +281,10 @@ def init_weights(field: str, value: Any, budget: _Budget) -> None:
         return
     raise refuse(
         field,
-        f"is {_short(value)}: inits such as PiSSA, OLoRA, CorDA and LoftQ change the base model's weights when the "
-        "adapter is loaded, which the engine does not do (vLLM refuses them too). Convert it to a plain LoRA with "
-        "PEFT's path_initial_model_for_weight_conversion, or use true if the served base already holds those weights.",
+        f"is {_short(value)}: the engine serves true, false and {', '.join(WEIGHT_ONLY_INITS)} (vLLM refuses the "
+        "rest too). Inits such as PiSSA, OLoRA, CorDA, Astra and LoftQ change the base model's weights when the "
+        "adapter is loaded, which the engine does not do: convert it to a plain LoRA with PEFT's "
+        "path_initial_model_for_weight_conversion, or use true if the served base already holds those weights.",
     )
 
 
@@ -356,7 +357,7 @@ FIELDS: dict[str, Rule] = {
     "lora_ga_config": scalars,
     "velora_config": scalars,
     "loftq_config": only(None, {}, why="LoftQ changes the base model's weights, which the engine does not do."),
-    "runtime_config": scalars,  # not saved by peft 0.21, by some earlier releases
+    "runtime_config": scalars,  # not saved by peft 0.21 or 0.22, by some earlier releases
     "qalora_group_size": positive_int,
     "megatron_core": only(None, "megatron.core", why="PEFT imports the module it names."),
     # features vLLM does not serve (it refuses most of them at load): refused here first, with the reason
@@ -372,6 +373,7 @@ FIELDS: dict[str, Rule] = {
     "megatron_config": only(None, why=f"Megatron tensor-parallel layers are not served; {NOT_LORA}."),
     "corda_config": only(None, why="CorDA changes the base model's weights, which the engine does not do."),
     "kasa_config": only(None, why="KaSA changes the base model's weights, which the engine does not do."),
+    "astra_config": only(None, why="Astra changes the base model's weights, which the engine does not do."),
     "monteclora_config": only(None, why=f"MonteCLoRA's sampling is not served; {NOT_LORA}."),
     "arrow_config": only(None, why=f"Arrow routing across adapters is not served; {NOT_LORA}."),
     # written by early PEFT releases (alpaca-lora era adapters); training-time only
