@@ -249,8 +249,8 @@ def test_prints_and_bounds_the_costs_per_step(costs: dict[int, dict[str, dict[st
 # On CPU, with DRY and no ban, in place of DRY's lookup, gather and lowering over every cell (`index
 # gather sub_ scatter_reduce_`): the cells whose match is long enough, found on the host (a read of
 # the device's data: free on CPU, a wait on a GPU, hence CPU only), then the same work on those. A
-# change step compares every cell's match (`le`); a steady step only those its match update found
-# continuing (`index le`, then three `index` keep the long enough ones).
+# change step compares every cell's match (`le`); a steady step reads and compares only the cells its
+# match update found continuing, in numpy on the host (no torch op).
 CPU_DRY = ["add", "index", "add", "index_select", "index", "index", "sub_", "mul", "add", "scatter_reduce_"]
 CPU_DRY_FOUND = {"steady": [], "change 2": ["le"]}  # the cells found and their starts read on the host
 
